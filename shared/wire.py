@@ -1,0 +1,357 @@
+"""Wire contract v1 of ``POST /v1/topk`` (DESIGN.md section 3): types, codecs, validation.
+
+Request ``{"input_ids", "k", "temperature"}``; ``input_ids`` is a ragged list of token-id lists, or
+a packed tensor (``[B, L]``, or ``[N]`` plus ``"lengths"``). Response: top-k log-probabilities per
+position, where row ``t`` of a sequence is ``log p(. | x_0..x_t)``, the distribution of the token
+*after* ``x_t``, plus the exact tail ``log(1 - sum_k p)``.
+
+Both msgpack (``application/msgpack``, the fast path) and JSON (``application/json``, for curl) are
+supported. Nothing here imports a web framework or torch, so trainer and server share it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgpack
+import numpy as np
+
+from shared.errors import InvalidRequest, MalformedBody, RequestTooLarge, UnsupportedContentType
+from shared.tensors import (
+    decode_tensor_msgpack,
+    encode_tensor_msgpack,
+    is_tensor_map,
+    tensor_from_json,
+    tensor_to_json,
+)
+
+PROTOCOL_VERSION = 1
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+WireFormat = Literal["msgpack", "json"]
+
+_MSGPACK_TYPES = {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
+_REQUEST_KEYS = {"input_ids", "k", "temperature", "lengths", "protocol"}
+
+
+def format_from_content_type(content_type: str | None) -> WireFormat:
+    """Map a Content-Type header to a wire format, or raise :class:`UnsupportedContentType`."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media in _MSGPACK_TYPES:
+        return "msgpack"
+    if media == JSON:
+        return "json"
+    raise UnsupportedContentType(
+        f"Content-Type {content_type!r} is not supported; send {MSGPACK} (fast path) or {JSON}"
+    )
+
+
+def response_format(accept: str | None, request_format: WireFormat) -> WireFormat:
+    """The response uses the request's format unless ``Accept`` names exactly one of the two."""
+    accept = (accept or "").lower()
+    wants_msgpack = any(t in accept for t in _MSGPACK_TYPES)
+    wants_json = JSON in accept
+    if wants_msgpack and not wants_json:
+        return "msgpack"
+    if wants_json and not wants_msgpack:
+        return "json"
+    return request_format
+
+
+def media_type(fmt: WireFormat) -> str:
+    return MSGPACK if fmt == "msgpack" else JSON
+
+
+# --------------------------------------------------------------------------------------- request
+
+
+@dataclass
+class TopKRequest:
+    """A decoded ``/v1/topk`` request.
+
+    Attributes:
+        sequences: one int64 array ``[L_i]`` per sequence, ``L_i >= 1``.
+        k: number of top entries per position, or None for the server's default.
+        temperature: applied to the teacher's logits before the softmax (``> 0``, finite).
+    """
+
+    sequences: list[np.ndarray]
+    k: int | None = None
+    temperature: float = 1.0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+    def validate(self, vocab_size: int, max_k: int, max_tokens: int, max_sequence_length: int | None = None) -> None:
+        """Range checks that need the server's limits.
+
+        Raises:
+            InvalidRequest: k out of ``[1, max_k]``, an id outside ``[0, vocab_size)``, or a
+                sequence longer than the model's ``max_sequence_length``.
+            RequestTooLarge: more than ``max_tokens`` tokens in total.
+        """
+        if self.k is not None and not 1 <= self.k <= max_k:
+            raise InvalidRequest(f"k must be between 1 and {max_k} (this server's max_k), found {self.k}")
+        if self.k is not None and self.k > vocab_size:
+            raise InvalidRequest(f"k must not exceed the vocabulary size {vocab_size}, found {self.k}")
+        if self.num_tokens > max_tokens:
+            raise RequestTooLarge(
+                f"request has {self.num_tokens} tokens, this server accepts at most {max_tokens} per "
+                "request; split the batch into smaller requests"
+            )
+        for i, seq in enumerate(self.sequences):
+            if max_sequence_length is not None and len(seq) > max_sequence_length:
+                raise InvalidRequest(
+                    f"input_ids[{i}] has {len(seq)} tokens; the model handles at most {max_sequence_length}"
+                )
+            lo, hi = int(seq.min()), int(seq.max())
+            if lo < 0 or hi >= vocab_size:
+                bad = lo if lo < 0 else hi
+                pos = int(np.flatnonzero(seq == bad)[0])
+                raise InvalidRequest(
+                    f"input_ids[{i}][{pos}] = {bad} is outside the vocabulary [0, {vocab_size})"
+                )
+
+
+def encode_topk_request(
+    sequences: list[np.ndarray] | list[list[int]],
+    k: int | None = None,
+    temperature: float = 1.0,
+    fmt: WireFormat = "msgpack",
+) -> bytes:
+    """Encode a request. msgpack sends one packed int32 tensor plus ``lengths`` (no per-id objects)."""
+    body: dict[str, Any] = {"temperature": float(temperature)}
+    if k is not None:
+        body["k"] = int(k)
+    if fmt == "msgpack":
+        arrays = [np.asarray(s, dtype=np.int32).reshape(-1) for s in sequences]
+        body["input_ids"] = encode_tensor_msgpack(np.concatenate(arrays) if arrays else np.zeros(0, np.int32))
+        body["lengths"] = [len(a) for a in arrays]
+        return msgpack.packb(body, use_bin_type=True)
+    body["input_ids"] = [np.asarray(s).reshape(-1).tolist() for s in sequences]
+    return json.dumps(body).encode()
+
+
+def _load_body(body: bytes, fmt: WireFormat) -> Any:
+    try:
+        if fmt == "msgpack":
+            return msgpack.unpackb(body, raw=False, strict_map_key=True)
+        return json.loads(body)
+    except RecursionError as exc:
+        raise MalformedBody(f"{fmt} body nests too deeply") from exc
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        # ExtraData, FormatError, StackError, UnicodeDecodeError, JSONDecodeError are all ValueErrors.
+        raise MalformedBody(f"body is not valid {fmt}: {exc}") from exc
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # bool is a subclass of int, and True is not a token id
+
+
+def _sequences_from_lists(input_ids: list) -> list[np.ndarray]:
+    sequences = []
+    for i, seq in enumerate(input_ids):
+        if not isinstance(seq, list):
+            raise InvalidRequest(f"input_ids[{i}] must be a list of token ids, found {type(seq).__name__}")
+        if not all(_is_int(t) for t in seq):
+            pos, bad = next((j, t) for j, t in enumerate(seq) if not _is_int(t))
+            raise InvalidRequest(f"input_ids[{i}][{pos}] must be an integer token id, found {bad!r}")
+        try:
+            sequences.append(np.array(seq, dtype=np.int64))
+        except OverflowError as exc:
+            raise InvalidRequest(f"input_ids[{i}] holds an id that does not fit in 64 bits") from exc
+    return sequences
+
+
+def _sequences_from_tensor(tensor: np.ndarray, lengths: Any) -> list[np.ndarray]:
+    if tensor.dtype.kind not in "iu":
+        raise InvalidRequest(f"input_ids tensor must have an integer dtype, found {tensor.dtype.name}")
+    if tensor.ndim == 2:
+        if lengths is not None:
+            raise InvalidRequest("'lengths' goes with a 1-D packed input_ids tensor, not a 2-D one")
+        return [row.astype(np.int64) for row in tensor]
+    if tensor.ndim != 1:
+        raise InvalidRequest(f"input_ids tensor must be 1-D (with 'lengths') or 2-D, found {tensor.ndim}-D")
+    if not isinstance(lengths, list) or not all(_is_int(n) and n >= 0 for n in lengths):
+        raise InvalidRequest("a 1-D input_ids tensor needs 'lengths': a list of non-negative ints")
+    if sum(lengths) != tensor.shape[0]:
+        raise InvalidRequest(f"'lengths' sum to {sum(lengths)} but input_ids has {tensor.shape[0]} ids")
+    bounds = np.cumsum([0, *lengths])
+    flat = tensor.astype(np.int64)
+    return [flat[bounds[i] : bounds[i + 1]] for i in range(len(lengths))]
+
+
+def decode_topk_request(body: bytes, fmt: WireFormat) -> TopKRequest:
+    """Decode and type-check a request body.
+
+    Raises:
+        MalformedBody: undecodable bytes or a broken tensor map.
+        InvalidRequest: wrong types, unknown keys, empty batch or sequence, bad k or temperature.
+    """
+    obj = _load_body(body, fmt)
+    if not isinstance(obj, dict):
+        raise InvalidRequest(f"body must be a map with 'input_ids', found {type(obj).__name__}")
+    unknown = set(obj) - _REQUEST_KEYS
+    if unknown:
+        raise InvalidRequest(f"unknown field(s) {sorted(unknown)}; expected {sorted(_REQUEST_KEYS)}")
+    protocol = obj.get("protocol", PROTOCOL_VERSION)
+    if protocol != PROTOCOL_VERSION:
+        raise InvalidRequest(f"protocol {protocol!r} is not supported; this server speaks {PROTOCOL_VERSION}")
+    if "input_ids" not in obj:
+        raise InvalidRequest("missing field 'input_ids' (a list of token-id lists)")
+    input_ids = obj["input_ids"]
+    if is_tensor_map(input_ids):
+        if fmt != "msgpack":
+            raise InvalidRequest("tensor maps are for msgpack bodies; in JSON send nested lists")
+        sequences = _sequences_from_tensor(decode_tensor_msgpack(input_ids, "input_ids"), obj.get("lengths"))
+    elif isinstance(input_ids, list):
+        if "lengths" in obj:
+            raise InvalidRequest("'lengths' goes with a packed input_ids tensor, not with nested lists")
+        sequences = _sequences_from_lists(input_ids)
+    else:
+        raise InvalidRequest(f"input_ids must be a list of lists or a tensor, found {type(input_ids).__name__}")
+    if not sequences:
+        raise InvalidRequest("input_ids is empty: send at least one sequence")
+    for i, seq in enumerate(sequences):
+        if len(seq) == 0:
+            raise InvalidRequest(f"input_ids[{i}] is empty: every sequence needs at least one token")
+
+    k = obj.get("k")
+    if k is not None and not _is_int(k):
+        raise InvalidRequest(f"k must be an integer, found {k!r}")
+    temperature = obj.get("temperature", 1.0)
+    if temperature is None:
+        temperature = 1.0
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise InvalidRequest(f"temperature must be a number, found {temperature!r}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise InvalidRequest(f"temperature must be finite and > 0, found {temperature!r}")
+    return TopKRequest(sequences=sequences, k=k, temperature=float(temperature))
+
+
+# -------------------------------------------------------------------------------------- response
+
+
+@dataclass
+class TopKResponse:
+    """Top-k teacher targets for a batch of sequences, rows packed sequence after sequence.
+
+    Attributes:
+        indices: ``[sum(L), k]`` token ids (uint16 when the vocab fits, else int32), by descending prob.
+        logprobs: ``[sum(L), k]`` float16, ``log p_T(id | prefix)``.
+        tail_logprob: ``[sum(L)]`` float32, ``log(1 - sum_k p_T)`` from the full vocabulary.
+        lengths: rows per sequence (= input lengths).
+    """
+
+    model: str
+    tokenizer_sha256: str
+    vocab_size: int
+    k: int
+    temperature: float
+    lengths: list[int]
+    indices: np.ndarray
+    logprobs: np.ndarray
+    tail_logprob: np.ndarray
+    timing: dict[str, float] = field(default_factory=dict)
+    protocol: int = PROTOCOL_VERSION
+
+    def split(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per sequence ``(indices [L_i, k], logprobs [L_i, k], tail_logprob [L_i])`` views."""
+        bounds = np.cumsum([0, *self.lengths])
+        return [
+            (self.indices[a:b], self.logprobs[a:b], self.tail_logprob[a:b])
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
+
+
+def index_dtype(vocab_size: int) -> np.dtype:
+    """uint16 ids when every id fits (vocab <= 65536), else int32."""
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.int32)
+
+
+_TENSOR_FIELDS = {"indices": None, "logprobs": "float16", "tail_logprob": "float32"}
+
+
+def encode_topk_response(response: TopKResponse, fmt: WireFormat) -> bytes:
+    """Encode with the contract's dtypes: ids uint16/int32, log-probs float16, tail float32."""
+    tensors = {
+        "indices": response.indices.astype(index_dtype(response.vocab_size), copy=False),
+        "logprobs": response.logprobs.astype(np.float16, copy=False),
+        "tail_logprob": response.tail_logprob.astype(np.float32, copy=False),
+    }
+    body: dict[str, Any] = {
+        "protocol": response.protocol,
+        "model": response.model,
+        "tokenizer_sha256": response.tokenizer_sha256,
+        "vocab_size": response.vocab_size,
+        "k": response.k,
+        "temperature": response.temperature,
+        "lengths": list(response.lengths),
+        "timing": response.timing,
+    }
+    if fmt == "msgpack":
+        body.update({name: encode_tensor_msgpack(t) for name, t in tensors.items()})
+        return msgpack.packb(body, use_bin_type=True)
+    body.update({name: tensor_to_json(t) for name, t in tensors.items()})
+    return json.dumps(body, allow_nan=False).encode()
+
+
+def decode_topk_response(body: bytes, fmt: WireFormat) -> TopKResponse:
+    """Decode a response (client side) and check that shapes agree with ``lengths`` and ``k``."""
+    obj = _load_body(body, fmt)
+    if not isinstance(obj, dict) or "indices" not in obj:
+        raise MalformedBody(f"not a /v1/topk response: {str(obj)[:200]}")
+    if fmt == "msgpack":
+        tensors = {name: decode_tensor_msgpack(obj[name], name) for name in _TENSOR_FIELDS}
+    else:
+        id_dtype = index_dtype(obj["vocab_size"]).name
+        tensors = {
+            name: tensor_from_json(obj[name], name, dtype or id_dtype) for name, dtype in _TENSOR_FIELDS.items()
+        }
+    rows, k = sum(obj["lengths"]), obj["k"]
+    if tensors["indices"].shape != (rows, k) or tensors["logprobs"].shape != (rows, k):
+        raise MalformedBody(f"response tensors do not have shape [{rows}, {k}] from lengths and k")
+    if tensors["tail_logprob"].shape != (rows,):
+        raise MalformedBody(f"tail_logprob does not have shape [{rows}]")
+    return TopKResponse(
+        model=obj["model"],
+        tokenizer_sha256=obj["tokenizer_sha256"],
+        vocab_size=obj["vocab_size"],
+        k=k,
+        temperature=obj["temperature"],
+        lengths=list(obj["lengths"]),
+        timing=obj.get("timing", {}),
+        protocol=obj.get("protocol", PROTOCOL_VERSION),
+        **tensors,
+    )
+
+
+def error_body(error_type: str, message: str) -> dict[str, Any]:
+    """The JSON error body every non-2xx answer carries."""
+    return {"error": {"type": error_type, "message": message}}
+
+
+__all__ = [
+    "JSON",
+    "MSGPACK",
+    "PROTOCOL_VERSION",
+    "InvalidRequest",
+    "MalformedBody",
+    "RequestTooLarge",
+    "TopKRequest",
+    "TopKResponse",
+    "UnsupportedContentType",
+    "decode_topk_request",
+    "decode_topk_response",
+    "encode_topk_request",
+    "encode_topk_response",
+    "error_body",
+    "format_from_content_type",
+    "index_dtype",
+    "media_type",
+    "response_format",
+]

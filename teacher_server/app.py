@@ -1,0 +1,253 @@
+"""The FastAPI application: routes, auth, body limits, error mapping, model loading.
+
+The model loads in a background thread after start-up, so ``/health`` answers at once and
+``/ready`` turns 200 when the engine can serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.errors import RequestTooLarge, WireError
+from shared.wire import (
+    PROTOCOL_VERSION,
+    TopKResponse,
+    decode_topk_request,
+    encode_topk_response,
+    error_body,
+    format_from_content_type,
+    media_type,
+    response_format,
+)
+from teacher_server.batching import DynamicBatcher
+from teacher_server.engines.base import EngineRequest, TopKEngine
+from teacher_server.errors import NotReady, Unauthorized, status_for
+from teacher_server.metrics import ServerMetrics
+from teacher_server.settings import TeacherSettings
+
+log = logging.getLogger(__name__)
+
+_TOPK_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["input_ids"],
+                    "properties": {
+                        "input_ids": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+                        "k": {"type": "integer", "minimum": 1},
+                        "temperature": {"type": "number", "exclusiveMinimum": 0, "default": 1.0},
+                    },
+                },
+                "example": {"input_ids": [[504, 3575, 282, 4649, 314]], "k": 5, "temperature": 1.0},
+            },
+            "application/msgpack": {
+                "schema": {"type": "string", "format": "binary", "description": "the same map, msgpack-encoded"}
+            },
+        },
+    }
+}
+
+
+def build_engine(settings: TeacherSettings) -> TopKEngine:
+    """The engine named by the settings (imported lazily: torch is slow to import)."""
+    from teacher_server.engines.hf import HFEngine
+
+    return HFEngine(
+        settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        cache_dir=settings.model_cache_dir,
+        micro_batch_tokens=settings.micro_batch_tokens,
+        trust_remote_code=settings.trust_remote_code,
+    )
+
+
+class _ServerState:
+    def __init__(self, settings: TeacherSettings) -> None:
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.engine: TopKEngine | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.load_error: str | None = None
+
+    def ready_batcher(self) -> DynamicBatcher:
+        if self.batcher is None:
+            why = f"loading the model failed: {self.load_error}" if self.load_error else "the model is still loading"
+            raise NotReady(f"{why}; poll GET /ready")
+        return self.batcher
+
+
+def create_app(
+    settings: TeacherSettings,
+    engine: TopKEngine | None = None,
+    on_load_failure: Callable[[], None] | None = None,
+) -> FastAPI:
+    """Build the app. Pass ``engine`` to serve an already-loaded engine (tests, direct embedding)."""
+    state = _ServerState(settings)
+
+    async def load_and_serve() -> None:
+        try:
+            state.engine = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
+        except Exception as exc:  # a server that cannot load its model says so on /ready and /health
+            log.exception("could not load model %s", settings.model)
+            state.load_error = f"{type(exc).__name__}: {exc}"
+            if on_load_failure is not None:
+                on_load_failure()
+            return
+        batcher = DynamicBatcher(
+            state.engine,
+            state.metrics,
+            max_batch_tokens=settings.batch_max_tokens,
+            max_wait_s=settings.batch_max_wait_ms / 1e3,
+            max_queued_tokens=settings.max_queued_tokens,
+        )
+        batcher.start()
+        state.batcher = batcher
+        log.info("ready: %s (vocab %d)", state.engine.model_name, state.engine.vocab_size)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loader = asyncio.create_task(load_and_serve())
+        yield
+        loader.cancel()
+        if state.batcher is not None:
+            await state.batcher.stop()
+
+    app = FastAPI(
+        title="retnet-distill teacher",
+        version=str(PROTOCOL_VERSION),
+        description="Top-k teacher log-probabilities over msgpack (fast path) or JSON.",
+        lifespan=lifespan,
+    )
+    app.state.teacher = state
+
+    @app.exception_handler(WireError)
+    async def wire_error(request: Request, exc: WireError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+        if status_for(exc) in (429, 503):
+            headers = {"Retry-After": "1"}
+        return JSONResponse(error_body(exc.error_type, exc.message), status_code=status_for(exc), headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body("http_error", str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(error_body("internal_error", f"{type(exc).__name__}: {exc}"), status_code=500)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        state.metrics.observe_request(route.path if route else "unmatched", response.status_code, time.perf_counter() - started)
+        return response
+
+    def check_key(request: Request) -> None:
+        key = settings.api_key
+        if key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        if not hmac.compare_digest(token.strip().encode(), key.get_secret_value().encode()):
+            raise Unauthorized("the API key is not valid for this server")
+
+    async def read_body(request: Request) -> bytes:
+        limit = settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestTooLarge(f"body of {declared} bytes exceeds this server's limit of {limit} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise RequestTooLarge(f"body exceeds this server's limit of {limit} bytes")
+        return bytes(body)
+
+    @app.post("/v1/topk", openapi_extra=_TOPK_OPENAPI, summary="Top-k log-probabilities per position")
+    async def topk(request: Request) -> Response:
+        """Row t of each sequence is log p(. | x_0..x_t) at the requested temperature, plus the exact tail."""
+        check_key(request)
+        request_fmt = format_from_content_type(request.headers.get("content-type"))
+        body = await read_body(request)
+        batcher = state.ready_batcher()
+        engine = batcher.engine
+        req = decode_topk_request(body, request_fmt)
+        req.validate(engine.vocab_size, settings.max_k, settings.max_tokens_per_request, engine.max_sequence_length)
+        k = req.k if req.k is not None else min(settings.default_k, engine.vocab_size)
+        rows, timing = await batcher.submit(EngineRequest(req.sequences, k, req.temperature))
+        response = TopKResponse(
+            model=engine.model_name,
+            tokenizer_sha256=engine.tokenizer_sha256,
+            vocab_size=engine.vocab_size,
+            k=k,
+            temperature=req.temperature,
+            lengths=[len(s) for s in req.sequences],
+            indices=rows.indices,
+            logprobs=rows.logprobs,
+            tail_logprob=rows.tail_logprob,
+            timing={"queue_ms": round(timing.queue_ms, 3), "compute_ms": round(timing.compute_ms, 3)},
+        )
+        fmt = response_format(request.headers.get("accept"), request_fmt)
+        if fmt == "json":  # JSON of a big response takes a while: keep the event loop free
+            payload = await asyncio.to_thread(encode_topk_response, response, fmt)
+        else:
+            payload = encode_topk_response(response, fmt)
+        return Response(payload, media_type=media_type(fmt))
+
+    @app.get("/v1/models", summary="The served teacher and this server's limits")
+    async def models(request: Request) -> dict:
+        check_key(request)
+        engine = state.ready_batcher().engine
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": engine.model_name,
+                    "object": "model",
+                    "engine": settings.engine,
+                    "device": engine.device,
+                    "vocab_size": engine.vocab_size,
+                    "tokenizer_sha256": engine.tokenizer_sha256,
+                    "max_sequence_length": engine.max_sequence_length,
+                    "protocol": PROTOCOL_VERSION,
+                    "default_k": settings.default_k,
+                    "max_k": settings.max_k,
+                    "max_tokens_per_request": settings.max_tokens_per_request,
+                    "max_body_bytes": settings.max_body_bytes,
+                }
+            ],
+        }
+
+    @app.get("/health", summary="Liveness: the process answers")
+    async def health() -> JSONResponse:
+        if state.load_error:
+            return JSONResponse(error_body("load_failed", state.load_error), status_code=500)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready", summary="Readiness: the model is loaded and the batcher runs")
+    async def ready() -> JSONResponse:
+        batcher = state.ready_batcher()
+        return JSONResponse({"status": "ready", "model": batcher.engine.model_name})
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,142 @@
+"""Dynamic batching: concurrent requests share one engine pass, up to a token budget and a short wait.
+
+Requests are validated before they get here, so a bad request never reaches a batch. If a batch
+still fails in the engine, each of its requests is retried alone, so only the culprit fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from teacher_server.engines.base import EngineRequest, TopKEngine
+from teacher_server.engines.topk_math import TopKRows
+from teacher_server.errors import EngineFailure, NotReady, Overloaded
+from teacher_server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    request: EngineRequest
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class BatchTiming:
+    queue_ms: float
+    compute_ms: float
+
+
+class DynamicBatcher:
+    """Coalesces ``submit`` calls into engine passes of at most ``max_batch_tokens`` tokens.
+
+    The first request of a batch waits at most ``max_wait_s`` for company; while the engine is
+    busy, newcomers queue and go into the next pass. The engine runs in one worker thread, so
+    the event loop keeps answering (health checks, metrics, decoding) during a pass.
+    """
+
+    def __init__(
+        self,
+        engine: TopKEngine,
+        metrics: ServerMetrics,
+        max_batch_tokens: int,
+        max_wait_s: float,
+        max_queued_tokens: int,
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_s
+        self.max_queued_tokens = max_queued_tokens
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self._queued_tokens = 0
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="dynamic-batcher")
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        while self._pending:
+            item = self._pending.popleft()
+            if not item.future.done():
+                item.future.set_exception(NotReady("the server is shutting down; retry on another replica"))
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, request: EngineRequest) -> tuple[TopKRows, BatchTiming]:
+        """Queue ``request`` and wait for its rows. Raises :class:`Overloaded` when the queue is full."""
+        if self._queued_tokens + request.num_tokens > self.max_queued_tokens:
+            raise Overloaded(
+                f"{self._queued_tokens} tokens are already waiting (limit {self.max_queued_tokens}); retry shortly"
+            )
+        item = _Pending(request, asyncio.get_running_loop().create_future())
+        self._pending.append(item)
+        self._queued_tokens += request.num_tokens
+        self._update_queue_gauges()
+        self._arrived.set()
+        return await item.future
+
+    def _update_queue_gauges(self) -> None:
+        self.metrics.queue_requests.set(len(self._pending))
+        self.metrics.queue_tokens.set(self._queued_tokens)
+
+    async def _next_batch(self) -> list[_Pending]:
+        while not self._pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        deadline = self._pending[0].enqueued + self.max_wait_s
+        while self._queued_tokens < self.max_batch_tokens and (left := deadline - time.perf_counter()) > 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout=left)
+            except TimeoutError:
+                break
+        batch, tokens = [self._pending.popleft()], 0
+        tokens = batch[0].request.num_tokens
+        while self._pending and tokens + self._pending[0].request.num_tokens <= self.max_batch_tokens:
+            batch.append(self._pending.popleft())
+            tokens += batch[-1].request.num_tokens
+        self._queued_tokens -= tokens
+        self._update_queue_gauges()
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            live = [p for p in batch if not p.future.done()]  # clients that went away are dropped
+            if not live:
+                continue
+            started = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._executor, self.engine.topk, [p.request for p in live])
+            except Exception:
+                log.exception("engine failed on a batch of %d requests; retrying them one by one", len(live))
+                results = [await self._run_alone(loop, p) for p in live]
+            seconds = time.perf_counter() - started
+            self.metrics.observe_batch(len(live), sum(p.request.num_tokens for p in live), seconds)
+            for item, rows in zip(live, results):
+                if item.future.done() or rows is None:
+                    continue
+                timing = BatchTiming(queue_ms=(started - item.enqueued) * 1e3, compute_ms=seconds * 1e3)
+                item.future.set_result((rows, timing))
+
+    async def _run_alone(self, loop: asyncio.AbstractEventLoop, item: _Pending) -> TopKRows | None:
+        try:
+            return (await loop.run_in_executor(self._executor, self.engine.topk, [item.request]))[0]
+        except Exception as exc:  # the engine's own message goes back to this client only
+            log.exception("engine failed on one request")
+            if not item.future.done():
+                item.future.set_exception(EngineFailure(f"the engine failed on this request: {exc}"))
+            return None

@@ -1,0 +1,41 @@
+"""The engine interface: token ids in, top-k teacher targets out. No web framework here.
+
+The trainer runs the very same engine in-process for direct mode, so this layer must not import
+FastAPI or anything of the server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from teacher_server.engines.topk_math import TopKRows
+
+
+@dataclass
+class EngineRequest:
+    """One client's work: ``sequences`` (int64 arrays ``[L_i]``), its ``k`` and ``temperature``."""
+
+    sequences: list[np.ndarray]
+    k: int
+    temperature: float
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+
+class TopKEngine(Protocol):
+    """What the server (and the trainer's direct mode) needs from a teacher engine."""
+
+    model_name: str
+    vocab_size: int  # the tokenizer's length; ids >= vocab_size are never returned
+    tokenizer_sha256: str
+    max_sequence_length: int | None
+    device: str
+
+    def topk(self, requests: list[EngineRequest]) -> list[TopKRows]:
+        """Targets for every request, rows packed sequence after sequence (row t predicts t+1)."""
+        ...

@@ -1,0 +1,69 @@
+"""Top-k log-probabilities and the exact tail from hidden states, a few rows at a time.
+
+For ``N`` rows and vocabulary ``V`` the full fp32 logits would be ``N * V * 4`` bytes (4 GB for
+8 x 1024 tokens of a 128K vocab), so the LM head and the softmax statistics run on row chunks of
+about ``chunk_bytes`` each. The tail is ``logsumexp`` over the ids *outside* the top k minus the
+full ``logsumexp``: exact, and free of the cancellation in ``log(1 - sum(exp(top_k)))`` when the
+top k hold nearly all the mass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TopKRows:
+    """Targets for ``N`` rows: ``indices [N, k]`` int32, ``logprobs [N, k]`` float32, ``tail [N]`` float32."""
+
+    indices: np.ndarray
+    logprobs: np.ndarray
+    tail_logprob: np.ndarray
+
+
+def topk_from_hidden(
+    hidden: torch.Tensor,
+    lm_head: Callable[[torch.Tensor], torch.Tensor],
+    k: int,
+    temperature: float,
+    vocab_size: int,
+    chunk_bytes: int = 1 << 28,
+    logit_softcap: float | None = None,
+) -> TopKRows:
+    """Top-k of ``log_softmax(logits / T)`` and the tail, per row.
+
+    Args:
+        hidden: ``[N, d]`` final hidden states (after the model's last norm).
+        lm_head: maps ``[n, d]`` to logits ``[n, V_head]``; ``V_head >= vocab_size``.
+        k: entries per row, ``1 <= k <= vocab_size``.
+        temperature: divides the raw logits before the softmax (the student must use the same T).
+        vocab_size: the tokenizer's length; LM-head rows beyond it (padding) are never returned.
+        chunk_bytes: budget for one chunk of fp32 logits.
+        logit_softcap: ``cap * tanh(z / cap)`` as some models (Gemma 2) apply before the softmax.
+
+    Returns:
+        :class:`TopKRows` with ids sorted by descending probability.
+    """
+    rows = hidden.shape[0]
+    chunk_rows = max(1, chunk_bytes // (4 * vocab_size))
+    indices = np.empty((rows, k), dtype=np.int32)
+    logprobs = np.empty((rows, k), dtype=np.float32)
+    tail = np.empty((rows,), dtype=np.float32)
+    for start in range(0, rows, chunk_rows):
+        stop = min(rows, start + chunk_rows)
+        logits = lm_head(hidden[start:stop])[:, :vocab_size].float()
+        if logit_softcap:
+            logits = torch.tanh(logits / logit_softcap) * logit_softcap
+        logits = logits / temperature  # a fresh fp32 tensor we own: safe to overwrite below
+        lse = torch.logsumexp(logits, dim=-1)
+        top_vals, top_ids = torch.topk(logits, k, dim=-1, sorted=True)
+        logits.scatter_(-1, top_ids, float("-inf"))
+        rest_lse = torch.logsumexp(logits, dim=-1)  # -inf when k == vocab_size: the tail is empty
+        indices[start:stop] = top_ids.to(torch.int32).cpu().numpy()
+        logprobs[start:stop] = (top_vals - lse[:, None]).cpu().numpy()
+        tail[start:stop] = (rest_lse - lse).cpu().numpy()
+    return TopKRows(indices=indices, logprobs=logprobs, tail_logprob=tail)

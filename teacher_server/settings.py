@@ -1,0 +1,41 @@
+"""Server settings: the one place the environment is read (``TEACHER_*`` variables)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TeacherSettings(BaseSettings):
+    """Every knob of the teacher service. ``TEACHER_<NAME>`` sets ``<name>`` (e.g. ``TEACHER_PORT``)."""
+
+    model_config = SettingsConfigDict(env_prefix="TEACHER_", extra="forbid", protected_namespaces=())
+
+    model: str = Field("smollm2-135m-instruct", description="HF hub id, local dir, .gguf file, or smollm2-135m-instruct (embedded)")
+    engine: Literal["hf"] = Field("hf", description="inference engine")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    model_cache_dir: str = Field("~/.cache/retnet-distill/models", description="where GGUF models are converted to safetensors once")
+    trust_remote_code: bool = Field(False, description="let transformers run a model repo's own code")
+    host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in containers)")
+    port: int = Field(8000, ge=0, le=65535, description="bind port")
+    default_k: int = Field(64, ge=1, description="k when a request sends none")
+    max_k: int = Field(1024, ge=1, description="largest k a request may ask for")
+    max_tokens_per_request: int = Field(32768, ge=1, description="more tokens in one request: 413")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies: 413")
+    batch_max_tokens: int = Field(16384, ge=1, description="token budget of one dynamic batch")
+    batch_max_wait_ms: float = Field(5.0, ge=0, description="how long the first request of a batch waits for company")
+    micro_batch_tokens: int = Field(8192, ge=1, description="padded tokens per transformer pass inside a batch")
+    max_queued_tokens: int = Field(262144, ge=1, description="more tokens waiting than this: 429")
+    api_key: SecretStr | None = Field(None, description="if set, /v1/* needs 'Authorization: Bearer <key>'")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> "TeacherSettings":
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k ({self.default_k}) must not exceed max_k ({self.max_k})")
+        if self.max_tokens_per_request > self.max_queued_tokens:
+            raise ValueError("max_tokens_per_request must not exceed max_queued_tokens, or big requests always get 429")
+        return self
