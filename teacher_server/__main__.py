@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings, on_load_failure=on_load_failure)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
     server = uvicorn.Server(config)
+    # uvicorn drains on SIGTERM, then re-raises it under the handler it found at start; with this
+    # no-op handler a clean drain ends with exit code 0, as process managers and compose expect.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
     return exit_code
 

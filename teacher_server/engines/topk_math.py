@@ -25,6 +25,7 @@ class TopKRows:
     tail_logprob: np.ndarray
 
 
+@torch.no_grad()
 def topk_from_hidden(
     hidden: torch.Tensor,
     lm_head: Callable[[torch.Tensor], torch.Tensor],
