@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
+
+from student_trainer.teacher_process import LocalTeacher
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_VOCAB = 320  # tokenizer length
@@ -78,53 +72,6 @@ def tiny_engine(tiny_model_dir: Path):
     return HFEngine(str(tiny_model_dir), device="cpu", dtype="float32")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """``python -m teacher_server`` in its own process on a free loopback port."""
-
-    def __init__(self, model: str, env: dict[str, str] | None = None, ready_timeout: float = 120.0) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, **(env or {})}
-        self.log_path = Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"teacher-{self.port}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "teacher_server", "--model", model, "--host", "127.0.0.1", "--port", str(self.port)],
-            env=full_env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-        )
-        self.wait_ready(ready_timeout)
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"teacher exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"teacher not ready after {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+def start_server(model: str, log_dir: Path, env: dict[str, str] | None = None) -> LocalTeacher:
+    """``python -m teacher_server`` in its own process on a free loopback port, ready to serve."""
+    return LocalTeacher(model, log_dir / "teacher.log", env=env, ready_timeout=120).__enter__()

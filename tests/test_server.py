@@ -16,7 +16,7 @@ import pytest
 from shared.tensors import encode_tensor_msgpack
 from shared.wire import decode_topk_response, encode_topk_request
 from teacher_server.engines.base import EngineRequest
-from tests.conftest import REPO_ROOT, TINY_VOCAB, ServerProcess
+from tests.conftest import REPO_ROOT, TINY_VOCAB, start_server
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -34,7 +34,7 @@ def server(tiny_model_dir, tmp_path_factory):
         "TEACHER_MAX_BODY_BYTES": "65536",
         "TEACHER_MODEL_CACHE_DIR": str(tmp_path_factory.mktemp("model-cache")),
     }
-    process = ServerProcess(str(tiny_model_dir), env=env)
+    process = start_server(str(tiny_model_dir), tmp_path_factory.mktemp("server"), env=env)
     yield process
     assert process.stop() == 0, process.log()
 
@@ -196,7 +196,7 @@ def test_info_routes(server, tiny_engine) -> None:
 
 
 def test_sigterm_stops_the_server_cleanly(tiny_model_dir, tmp_path) -> None:
-    process = ServerProcess(str(tiny_model_dir), env={"TEACHER_MODEL_CACHE_DIR": str(tmp_path)})
+    process = start_server(str(tiny_model_dir), tmp_path, env={"TEACHER_MODEL_CACHE_DIR": str(tmp_path)})
     response = httpx.post(process.url + "/v1/topk", content=encode_topk_request([[1, 2]]), headers={"Content-Type": "application/msgpack"})
     assert response.status_code == 200
     process.proc.send_signal(signal.SIGTERM)

@@ -1,0 +1,1 @@
+"""The trainer: a RetNet student distilled from teacher top-k targets (direct, cached, network)."""

@@ -1,0 +1,5 @@
+import sys
+
+from student_trainer.cli import main
+
+sys.exit(main())
