@@ -75,3 +75,13 @@ def tiny_engine(tiny_model_dir: Path):
 def start_server(model: str, log_dir: Path, env: dict[str, str] | None = None) -> LocalTeacher:
     """``python -m teacher_server`` in its own process on a free loopback port, ready to serve."""
     return LocalTeacher(model, log_dir / "teacher.log", env=env, ready_timeout=120).__enter__()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` skip cleanly on machines without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
