@@ -16,6 +16,66 @@ def _main_job(args: argparse.Namespace) -> int:
     return 0 if summary["teacher_exit_code"] == 0 else 1
 
 
+def _download(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from student_trainer.data.download import REGISTRY, DatasetSpec, DownloadError, download
+
+    console = Console()
+    if args.list:
+        from rich.table import Table
+
+        table = Table("category", "data set", "config", "license", "what")
+        for category, specs in REGISTRY.items():
+            for spec in specs:
+                table.add_row(category, spec.path, spec.config or "", spec.license, spec.description)
+        console.print(table)
+        return 0
+    jobs: list[tuple[str, DatasetSpec]] = []
+    for category in args.category or []:
+        if category not in REGISTRY:
+            console.print(f"[red]unknown category {category!r}; expected one of {', '.join(REGISTRY)}")
+            return 2
+        jobs.extend((category, spec) for spec in REGISTRY[category])
+    for path in args.dataset or []:
+        jobs.append(("custom", DatasetSpec(path, args.license, config=args.config, split=args.split)))
+    if not jobs:
+        console.print("[red]nothing to download: pass --category NAME or --dataset ID_OR_PATH (see --list)")
+        return 2
+    try:
+        for category, spec in jobs:
+            with console.status(f"{spec.path} ({spec.license})") as status:
+                path = download(spec, args.out, category, args.max_examples, lambda n: status.update(f"{spec.path}: {n} examples"))
+            console.print(f"{spec.path} -> {path}")
+    except DownloadError as exc:
+        console.print(f"[red]download failed:[/red] {exc}")
+        return 1
+    return 0
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from student_trainer.data.preprocess import PreprocessConfig, preprocess
+    from student_trainer.data.readers import InputError
+
+    config = PreprocessConfig(
+        inputs=args.input, output=args.output, tokenizer=args.tokenizer, max_seq_length=args.max_seq_length,
+        format=args.format, pack=not args.no_pack, val_fraction=args.val_fraction, skip_invalid=args.skip_invalid,
+        rows_per_shard=args.rows_per_shard, overwrite=args.overwrite, model_cache_dir=args.model_cache_dir,
+    )
+    try:
+        manifest = preprocess(config)
+    except (InputError, ValueError, FileExistsError) as exc:
+        print(f"retnet-distill preprocess: {exc}", file=sys.stderr)
+        return 1
+    for name, split in manifest["splits"].items():
+        print(f"{name}: {split['documents']} documents -> {split['rows']} rows x {manifest['max_seq_length']} "
+              f"({split['tokens']} tokens, {split['target_tokens']} targets) in {len(split['shards'])} shards")
+    if manifest["counts"]["skipped_invalid"]:
+        print(f"skipped {manifest['counts']['skipped_invalid']} invalid records: {manifest['counts']['skipped_by_reason']}")
+    print(f"wrote {Path(args.output) / 'manifest.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from student_trainer.main_job import DEFAULT_CACHE_DIR
     from teacher_server.engines.model_source import EMBEDDED_ALIAS
@@ -30,6 +90,33 @@ def build_parser() -> argparse.ArgumentParser:
     main.add_argument("--workdir", default="runs/main", help="where logs go")
     main.add_argument("--model-cache-dir", default=DEFAULT_CACHE_DIR, help="where GGUF teachers are converted once")
     main.set_defaults(handler=_main_job)
+
+    from student_trainer.data.formats import FORMATS
+
+    down = commands.add_parser("download", help="stream Hugging Face data sets into jsonl (resumable)")
+    down.add_argument("--category", action="append", help="a registry category (repeatable): instruction_chat, general_text, code, math")
+    down.add_argument("--dataset", action="append", help="a hub id, local dataset folder or data file (repeatable)")
+    down.add_argument("--config", default=None, help="dataset config for --dataset")
+    down.add_argument("--split", default="train", help="split for --dataset")
+    down.add_argument("--license", default="unknown", help="license to record for --dataset")
+    down.add_argument("--out", default="data/raw", help="output folder (one subfolder per category)")
+    down.add_argument("--max-examples", type=int, default=None, help="stop each data set after this many records")
+    down.add_argument("--list", action="store_true", help="list the registry and exit")
+    down.set_defaults(handler=_download)
+
+    prep = commands.add_parser("preprocess", help="tokenize raw data into memory-mapped training shards")
+    prep.add_argument("--input", nargs="+", required=True, help="files or folders (jsonl, json, parquet, txt), or python-docs")
+    prep.add_argument("--output", required=True, help="output shard folder")
+    prep.add_argument("--tokenizer", default=EMBEDDED_ALIAS, help="teacher tokenizer: hub id, local dir, .gguf or alias")
+    prep.add_argument("--max-seq-length", type=int, default=1024, help="tokens per row")
+    prep.add_argument("--format", choices=FORMATS, default=None, help="force a record format (default: detect per record)")
+    prep.add_argument("--no-pack", action="store_true", help="one document per row (truncated, padded) instead of packing")
+    prep.add_argument("--val-fraction", type=float, default=0.0, help="fraction of documents for the validation split")
+    prep.add_argument("--skip-invalid", action="store_true", help="skip and count bad records instead of stopping")
+    prep.add_argument("--rows-per-shard", type=int, default=8192, help="rows per shard file")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing shard set")
+    prep.add_argument("--model-cache-dir", default=DEFAULT_CACHE_DIR, help="where GGUF tokenizers are converted once")
+    prep.set_defaults(handler=_preprocess)
     return parser
 
 

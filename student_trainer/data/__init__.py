@@ -1,0 +1,1 @@
+"""Data: download, preprocessing with assistant masks, memory-mapped shards, the embedded corpus."""

@@ -1,0 +1,18 @@
+"""Loading the teacher's tokenizer by the same names the teacher service accepts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from teacher_server.engines.model_source import resolve_model
+
+DEFAULT_MODEL_CACHE_DIR = "~/.cache/retnet-distill/models"
+
+
+def load_tokenizer(name: str, model_cache_dir: str = DEFAULT_MODEL_CACHE_DIR) -> Any:
+    """A Hugging Face tokenizer for a hub id, a local directory, a ``.gguf`` file or an alias
+    such as ``smollm2-135m-instruct`` (converted once into the model cache, like the server does)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(name, model_cache_dir)
+    return AutoTokenizer.from_pretrained(source.path)
