@@ -29,7 +29,7 @@ def _download(args: argparse.Namespace) -> int:
         for category, specs in REGISTRY.items():
             for spec in specs:
                 table.add_row(category, spec.path, spec.config or "", spec.license, spec.description)
-        console.print(table)
+        console.print(table, width=max(console.width, 150))  # ids must not wrap, even in a pipe
         return 0
     jobs: list[tuple[str, DatasetSpec]] = []
     for category in args.category or []:

@@ -66,7 +66,8 @@ class DownloadError(RuntimeError):
 def _normalise(record: dict[str, Any]) -> dict[str, Any]:
     for (a, b), (x, y) in _RENAMES.items():
         if a in record and b in record and x not in record and "instruction" not in record:
-            record = {**record, x: record.pop(a), y: record.pop(b)}
+            renamed = {key: value for key, value in record.items() if key not in (a, b)}
+            return {**renamed, x: record[a], y: record[b]}
     return record
 
 

@@ -24,6 +24,7 @@ MANIFEST = "manifest.json"
 FORMAT_NAME = "retnet-distill-shards"
 FORMAT_VERSION = 1
 _FILES = ("tokens", "mask", "lengths")
+_FAULT_AROUND_BYTES = 2 << 20
 
 
 class ShardError(RuntimeError):
@@ -114,9 +115,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 
 class _Shard:
-    """Memory maps of one shard. Pages read are released every ``release_bytes`` so RSS stays flat."""
+    """Memory maps of one shard."""
 
-    def __init__(self, folder: Path, record: dict[str, Any], seq_len: int, release_bytes: int) -> None:
+    def __init__(self, folder: Path, record: dict[str, Any], seq_len: int) -> None:
         self.arrays: dict[str, np.ndarray] = {}
         shapes = {"tokens": (record["rows"], seq_len), "mask": (record["rows"], seq_len), "lengths": (record["rows"],)}
         for name in _FILES:
@@ -130,24 +131,18 @@ class _Shard:
             if array.shape != shapes[name]:
                 raise ShardError(f"shard file {path} has shape {array.shape}, the manifest says {shapes[name]}")
             self.arrays[name] = array
-        self.release_bytes = release_bytes
-        self._read_since_release = 0
 
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
         tokens = np.array(self.arrays["tokens"][i])  # copies: the caller owns its row
         mask = np.array(self.arrays["mask"][i])
-        self._read_since_release += tokens.nbytes + mask.nbytes
-        if self._read_since_release >= self.release_bytes:
-            self.release()
         return tokens, mask, int(self.arrays["lengths"][i])
 
     def release(self) -> None:
-        """Drop this process's mapped pages (they stay in the page cache; RSS does not grow with reads)."""
+        """Drop this process's mapped pages (they stay in the page cache, so re-reading is cheap)."""
         for array in self.arrays.values():
             raw = getattr(array, "_mmap", None)
             if raw is not None:
                 raw.madvise(mmap.MADV_DONTNEED)
-        self._read_since_release = 0
 
 
 class PretokenizedShardDataset(torch.utils.data.Dataset):
@@ -181,7 +176,9 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
                         raise ShardError(f"shard file {path} is missing")
                     if sha256_file(path) != record["sha256"][name]:
                         raise ShardError(f"shard file {path} is corrupted: its sha256 does not match the manifest")
-        self._shards = [_Shard(self.folder, record, self.seq_len, release_bytes) for record in records]
+        self._shards = [_Shard(self.folder, record, self.seq_len) for record in records]
+        self.release_bytes = release_bytes
+        self._read_since_release = 0
         self._starts = list(np.cumsum([0] + [record["rows"] for record in records])[:-1])
         self._rows = sum(record["rows"] for record in records)
 
@@ -193,6 +190,13 @@ class PretokenizedShardDataset(torch.utils.data.Dataset):
             raise IndexError(f"row {index} out of range for {self._rows} rows")
         shard = bisect.bisect_right(self._starts, index) - 1
         tokens, mask, length = self._shards[shard].row(index - self._starts[shard])
+        # A page fault can map a whole large folio of the page cache (up to 2 MB) into this
+        # process, so each array access counts as that much RSS until the next release.
+        self._read_since_release += tokens.nbytes + mask.nbytes + 2 * _FAULT_AROUND_BYTES
+        if self._read_since_release >= self.release_bytes:
+            for each in self._shards:
+                each.release()
+            self._read_since_release = 0
         return {
             "input_ids": torch.from_numpy(tokens.astype(np.int64)),
             "loss_mask": torch.from_numpy(mask.astype(bool)),
