@@ -22,14 +22,11 @@ def _download(args: argparse.Namespace) -> int:
     from student_trainer.data.download import REGISTRY, DatasetSpec, DownloadError, download
 
     console = Console()
-    if args.list:
-        from rich.table import Table
-
-        table = Table("category", "data set", "config", "license", "what")
+    if args.list:  # plain lines: ids must stay whole and greppable, in a terminal or a pipe
+        print(f"{'category':17} {'data set':38} {'config':12} {'license':20} what")
         for category, specs in REGISTRY.items():
             for spec in specs:
-                table.add_row(category, spec.path, spec.config or "", spec.license, spec.description)
-        console.print(table, width=max(console.width, 150))  # ids must not wrap, even in a pipe
+                print(f"{category:17} {spec.path:38} {spec.config or '-':12} {spec.license:20} {spec.description}")
         return 0
     jobs: list[tuple[str, DatasetSpec]] = []
     for category in args.category or []:

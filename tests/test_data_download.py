@@ -31,7 +31,7 @@ def test_local_dataset_streams_into_jsonl_with_normalised_columns(local_dataset,
     records = read_jsonl(path)
     assert len(records) == 10
     assert records[3] == {"prompt": "What is 3 + 3?", "completion": "6"}  # gsm8k-style columns -> prompt/completion
-    source = json.loads((tmp_path / "out" / "math" / "my-dataset.source.json").read_text())
+    source = json.loads((tmp_path / "out" / "math" / "my-dataset.jsonl.source").read_text())
     assert source["license"] == "CC0" and source["examples"] == 10
 
 

@@ -145,7 +145,7 @@ def download(
         fh.flush()
         os.fsync(fh.fileno())
     partial.replace(final)
-    (folder / f"{spec.name}.source.json").write_text(
+    (folder / f"{spec.name}.jsonl.source").write_text(  # not *.json: preprocess must not read it as data
         json.dumps({"path": spec.path, "config": spec.config, "split": spec.split, "license": spec.license, "examples": written}, indent=2)
     )
     return final
