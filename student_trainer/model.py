@@ -1,0 +1,424 @@
+"""The RetNet student: TorchScale 0.3.0's ``RetNetDecoder`` with the fixes of DESIGN.md section 6.
+
+What is patched (by subclassing; TorchScale's own code does the rest):
+
+- ``_Retention.parallel_forward``: the retention normaliser is upstream's later fix
+  ``qk / qk.detach().abs().sum(-1).clamp(min=1, max=5e4)`` (0.3.0 takes ``abs`` *after* the signed row
+  sum, which can cancel to ~0, and has no upper clamp). The chunkwise path in 0.3.0 already normalises
+  by ``abs().sum().clamp(min=1)``; the recurrent path has no ``q k^T`` matrix to normalise (its state
+  carries TorchScale's running ``1/sqrt(scale)`` instead). All three differ from each other only by a
+  per-(token, head) factor, which the retention's group norm removes up to its epsilon.
+- All three retention paths run on fp32 values and return the value dtype, so the recurrent state is
+  fp32 and a bf16-cast model (not only autocast) runs.
+- ``_FP32RelPos``: the decay/rotary tables stay fp32 whatever the model is cast to, are rebuilt after
+  every ``.to()``/``to_empty()``, are not saved (they follow from the config), and are computed with
+  autocast off.
+- Decoding does not use ``RetNetDecoder.forward`` (its token-by-token ``is_first_step`` path crashes and
+  it pads single tokens to a chunk when chunkwise is on): ``prefill`` builds the recurrent state from one
+  parallel pass and ``step`` drives the layers with TorchScale's recurrent retention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torchscale.architecture.config import RetNetConfig
+from torchscale.architecture.retnet import DecoderLayer, RetNetDecoder, RetNetRelPos
+from torchscale.component.multiscale_retention import MultiScaleRetention
+
+from student_trainer.model_config import PRESET_PARAM_COUNTS, PRESETS, StudentConfig, count_parameters
+
+__all__ = ["PRESETS", "PRESET_PARAM_COUNTS", "RecurrentState", "RetNetStudent", "StudentConfig",
+           "count_parameters", "sample_next_token", "split_params_for_muon"]
+
+RETENTION_SCALE_MAX = 5e4  # upper clamp of the retention normaliser (keeps fp16 finite)
+FORMAT_NAME = "retnet-student"
+FORMAT_VERSION = 1
+EMBED_KEY = "decoder.embed_tokens.weight"
+HEAD_KEY = "decoder.output_projection.weight"
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    # torch.autocast rejects device types without autocast support (e.g. meta).
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _FP32RelPos(RetNetRelPos):
+    """TorchScale's decay and rotary tables, pinned to fp32.
+
+    Casting them to bf16 would round the decay of slow heads (1 - 2^-16) to 1.0 and quantise positions.
+    """
+
+    def __init__(self, args: RetNetConfig) -> None:
+        super().__init__(args)
+        self.args = args
+        self._rebuild_tables(self.decay.device)
+
+    def _rebuild_tables(self, device: torch.device) -> None:
+        # TorchScale's own formula, evaluated on the CPU in fp32 whatever the ambient device/dtype.
+        with torch.device("cpu"):
+            fresh = RetNetRelPos(self.args)
+        self.register_buffer("angle", fresh.angle.to(device, torch.float32), persistent=False)
+        self.register_buffer("decay", fresh.decay.to(device, torch.float32), persistent=False)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        super()._apply(fn, recurse)  # moves (and maybe casts, or empties) the buffers
+        self._rebuild_tables(self.decay.device)
+        return self
+
+    def forward(self, slen: int, activate_recurrent: bool = False, chunkwise_recurrent: bool = False):
+        with _autocast_off(self.decay.device):
+            return super().forward(slen, activate_recurrent, chunkwise_recurrent)
+
+
+class _Retention(MultiScaleRetention):
+    """Multi-scale retention with the upstream normaliser and a prompt-state capture for ``prefill``."""
+
+    capture_state = False  # set by RetNetStudent.prefill around one parallel pass
+    captured: dict[str, torch.Tensor] | None = None
+
+    def parallel_forward(self, qr, kr, v, mask):
+        """qr, kr: [B, H, L, dk] fp32 (rotated); v: [B, L, H*dv]; mask: [H, L, L] -> [B, L, H, dv]."""
+        bsz, tgt_len, _ = v.size()
+        vr = v.float().view(bsz, tgt_len, self.num_heads, self.head_dim).transpose(1, 2)
+        qk_mat = (qr @ kr.transpose(-1, -2)) * mask  # [B, H, L, L]
+        qk_mat = qk_mat / qk_mat.detach().abs().sum(dim=-1, keepdim=True).clamp(min=1, max=RETENTION_SCALE_MAX)
+        output = torch.matmul(qk_mat, vr).transpose(1, 2)
+        if self.capture_state:
+            self.captured = self._prompt_state(kr, vr, mask)
+        return output.to(v.dtype)
+
+    def recurrent_forward(self, qr, kr, v, decay, incremental_state):
+        # fp32 values keep the running state fp32 even in a bf16 model.
+        return super().recurrent_forward(qr, kr, v.float(), decay, incremental_state).to(v.dtype)
+
+    def chunk_recurrent_forward(self, qr, kr, v, inner_mask):
+        return super().chunk_recurrent_forward(qr, kr, v.float(), inner_mask).to(v.dtype)
+
+    @staticmethod
+    def _prompt_state(kr: torch.Tensor, vr: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The state ``recurrent_forward`` would hold after the L prompt tokens.
+
+        TorchScale's recurrence keeps ``scale_t = scale_{t-1} * g + 1 = sum_{j<=t} g^j`` and
+        ``kv_t = sum_{m<=t} g^(t-m) v_m k_m^T / sqrt(scale_t)``. The last row of the parallel mask is
+        exactly ``g^(L-1-m) / sqrt(scale_{L-1})``, so it gives both (its row sum is ``sqrt(scale)``).
+        kr: [B, H, L, dk]; vr: [B, H, L, dv]; mask: [H, L, L] -> prev_key_value [B, H, dv, dk], scale [H].
+        """
+        with _autocast_off(kr.device):
+            weights = mask[:, -1, :].float()  # [H, L]
+            kv = (vr.float() * weights[None, :, :, None]).transpose(-1, -2) @ kr.float()
+            return {"prev_key_value": kv, "scale": weights.sum(dim=-1) ** 2}
+
+
+class _Layer(DecoderLayer):
+    gradient_checkpointing = False
+
+    def build_retention(self, embed_dim, args):
+        return _Retention(args, embed_dim, args.decoder_value_embed_dim, args.decoder_retention_heads)
+
+    def forward(self, x, incremental_state=None, chunkwise_recurrent=False, retention_rel_pos=None):
+        if self.gradient_checkpointing and self.training and incremental_state is None and torch.is_grad_enabled():
+            return checkpoint(super().forward, x, None, chunkwise_recurrent, retention_rel_pos, use_reentrant=False)
+        return super().forward(x, incremental_state, chunkwise_recurrent, retention_rel_pos)
+
+
+class _Decoder(RetNetDecoder):
+    def __init__(self, args: RetNetConfig, embed_tokens: nn.Embedding) -> None:
+        super().__init__(args, embed_tokens=embed_tokens)
+        self.retnet_rel_pos = _FP32RelPos(args)
+
+    def build_decoder_layer(self, args, depth, is_moe_layer=False):
+        return _Layer(args, depth, is_moe_layer=is_moe_layer)
+
+
+@dataclass
+class RecurrentState:
+    """O(1) decoding state: ``position`` tokens consumed, and per layer TorchScale's incremental state
+    ``{"prev_key_value": [B, H, dv_head, dk_head] fp32, "scale": [H] fp32}`` (empty dicts before the
+    first token)."""
+
+    position: int
+    layers: list[dict[str, torch.Tensor]]
+
+
+class RetNetStudent(nn.Module):
+    """A RetNet language model: ids ``[B, L]`` -> logits ``[B, L, V]``, with O(1)-state decoding.
+
+    Keep the weights fp32 and train under ``torch.autocast(dtype=torch.bfloat16)``.
+    """
+
+    def __init__(self, config: StudentConfig) -> None:
+        super().__init__()
+        self.config = config
+        args = RetNetConfig(
+            vocab_size=config.vocab_size,
+            decoder_embed_dim=config.d_model,
+            decoder_value_embed_dim=config.value_dim,
+            decoder_retention_heads=config.n_heads,
+            decoder_ffn_embed_dim=config.ffn_dim,
+            decoder_layers=config.n_layers,
+            activation_fn="swish",  # GLU + swish = SwiGLU feed-forward
+            dropout=config.dropout,
+            activation_dropout=config.activation_dropout,
+            share_decoder_input_output_embed=config.tie_embeddings,
+            chunkwise_recurrent=config.chunkwise_recurrent,
+            recurrent_chunk_size=config.recurrent_chunk_size,
+            layernorm_eps=config.layernorm_eps,
+            no_scale_embedding=True,
+            max_target_positions=config.max_seq_len,
+        )
+        embed = nn.Embedding(config.vocab_size, config.d_model)
+        # N(0, d^-0.5): tied with the head, this starts near log(V) loss (N(0, 1) starts at ~500).
+        nn.init.normal_(embed.weight, mean=0.0, std=config.d_model**-0.5)
+        self.decoder = _Decoder(args, embed)
+        for layer in self.decoder.layers:
+            layer.gradient_checkpointing = config.gradient_checkpointing
+
+    # ----- parameters -------------------------------------------------------------------------------
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
+    @property
+    def output_projection(self) -> nn.Linear:
+        """The LM head ``[V, d]``; its weight *is* ``embed_tokens.weight`` when tied."""
+        return self.decoder.output_projection
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, the tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ----- training / scoring -----------------------------------------------------------------------
+
+    def hidden_states(self, input_ids: torch.Tensor, chunkwise: bool | None = None) -> torch.Tensor:
+        """Final normed hidden states ``[B, L, d]`` for ids ``[B, L]`` (before the LM head).
+
+        ``chunkwise`` overrides the config's ``chunkwise_recurrent`` for this call.
+        """
+        _check_ids(input_ids, 2, "input_ids", "[B, L]")
+        with self._chunkwise(chunkwise):
+            hidden, _ = self.decoder(input_ids, features_only=True)
+        return hidden
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head: ``hidden [..., d] @ W^T -> [..., V]`` (``W`` is the embedding when tied).
+
+        Losses over a large vocabulary call this on row chunks of ``hidden_states``.
+        """
+        return F.linear(hidden, self.output_projection.weight)
+
+    def forward(self, input_ids: torch.Tensor, chunkwise: bool | None = None) -> torch.Tensor:
+        """Logits ``[B, L, V]`` for ids ``[B, L]``; ``logits[:, t]`` predicts the token after ``t``."""
+        return self.logits_from_hidden(self.hidden_states(input_ids, chunkwise))
+
+    @contextlib.contextmanager
+    def _chunkwise(self, chunkwise: bool | None) -> Iterator[None]:
+        saved = self.decoder.chunkwise_recurrent
+        if chunkwise is not None:
+            self.decoder.chunkwise_recurrent = chunkwise
+        try:
+            yield
+        finally:
+            self.decoder.chunkwise_recurrent = saved
+
+    # ----- recurrent decoding -----------------------------------------------------------------------
+
+    def new_state(self) -> RecurrentState:
+        """An empty decoding state (no tokens consumed)."""
+        return RecurrentState(position=0, layers=[{} for _ in self.decoder.layers])
+
+    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, RecurrentState]:
+        """Run a prompt ``[B, L]`` in one parallel pass: logits of its last position ``[B, V]`` and the
+        recurrent state after it (all rows share the length L; there is no padding mask)."""
+        _check_ids(input_ids, 2, "input_ids", "[B, L]")
+        _check_range(input_ids, self.config.vocab_size)
+        retentions = [layer.retention for layer in self.decoder.layers]
+        for retention in retentions:
+            retention.capture_state = True
+        try:
+            hidden = self.hidden_states(input_ids, chunkwise=False)
+            layers = [retention.captured for retention in retentions]
+        finally:
+            for retention in retentions:
+                retention.capture_state = False
+                retention.captured = None
+        return self.logits_from_hidden(hidden[:, -1]), RecurrentState(input_ids.size(1), layers)
+
+    def step(self, token_ids: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
+        """Feed one token per row ``[B]``: logits ``[B, V]`` for the next token and the new state.
+
+        The given state is not modified (the new one shares no mutable containers with it).
+        """
+        _check_ids(token_ids, 1, "token_ids", "[B]")
+        if len(state.layers) != len(self.decoder.layers):
+            raise ValueError(f"step: state has {len(state.layers)} layers, the model {len(self.decoder.layers)}; "
+                             "use model.new_state() or model.prefill(...) to make one.")
+        kv = state.layers[0].get("prev_key_value")
+        if kv is not None and kv.size(0) != token_ids.size(0):
+            raise ValueError(f"step: token_ids has batch size {token_ids.size(0)}, the state {kv.size(0)}.")
+        x, _ = self.decoder.forward_embedding(token_ids[:, None])
+        # TorchScale's recurrent tables for the token at index `position` (it takes slen - 1).
+        rel_pos = self.decoder.retnet_rel_pos(state.position + 1, activate_recurrent=True)
+        layers = [dict(layer_state) for layer_state in state.layers]
+        for layer, layer_state in zip(self.decoder.layers, layers):
+            x, _ = layer(x, layer_state, retention_rel_pos=rel_pos, chunkwise_recurrent=False)
+        if self.decoder.layer_norm is not None:
+            x = self.decoder.layer_norm(x)
+        return self.logits_from_hidden(x[:, 0]), RecurrentState(state.position + 1, layers)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eos_id: int | None = None,
+        greedy: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield new tokens ``[B]`` one at a time, decoding through the recurrent state.
+
+        ``input_ids`` is ``[B, L]`` (or ``[L]``). Rows that produced ``eos_id`` keep yielding it; the
+        generator stops early once every row has. Call ``eval()`` first if the model has dropout.
+        """
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if not greedy and not (temperature > 0 and 0 < top_p <= 1):
+            raise ValueError(f"generate: sampling needs temperature > 0 and 0 < top_p <= 1, found "
+                             f"temperature={temperature}, top_p={top_p}; use greedy=True for argmax decoding.")
+        logits, state = self.prefill(input_ids)
+        finished = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
+        for i in range(max_new_tokens):
+            if greedy:
+                token = logits.argmax(dim=-1)
+            else:
+                token = sample_next_token(logits, temperature, top_p, generator)
+            if eos_id is not None:
+                token = torch.where(finished, torch.full_like(token, eos_id), token)
+                finished |= token == eos_id
+            yield token
+            if i == max_new_tokens - 1 or bool(finished.all()):
+                return
+            logits, state = self.step(token, state)
+
+    # ----- persistence ------------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (tied weights once) atomically to ``directory``.
+
+        Files go to a temporary sibling first, which then replaces ``directory`` by a rename.
+        """
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                    "num_parameters": self.num_parameters(), "config": self.config.to_dict()}
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+            state = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()
+                     if not (self.config.tie_embeddings and name == HEAD_KEY)}
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            for path in (tmp / "config.json", tmp / "model.safetensors", tmp):
+                _fsync(path)
+            old = None
+            if directory.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+                os.replace(directory, old / directory.name)
+            os.replace(tmp, directory)
+            _fsync(directory.parent)
+            if old is not None:
+                shutil.rmtree(old)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "RetNetStudent":
+        """Load a directory written by :meth:`save` (fp32 weights on ``device``)."""
+        directory = Path(directory)
+        config_path = directory / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found: expected a directory written by RetNetStudent.save.")
+        meta = json.loads(config_path.read_text())
+        if meta.get("format") != FORMAT_NAME or meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{config_path}: expected format {FORMAT_NAME!r} version {FORMAT_VERSION}, found "
+                             f"{meta.get('format')!r} version {meta.get('format_version')!r}.")
+        config = StudentConfig.from_dict(meta["config"])
+        with torch.device(device):
+            model = cls(config)
+        state = load_file(str(directory / "model.safetensors"), device=str(device))
+        if config.tie_embeddings and EMBED_KEY in state:
+            state[HEAD_KEY] = state[EMBED_KEY]
+        model.load_state_dict(state, strict=True)
+        return model
+
+
+def split_params_for_muon(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """Split trainable parameters into (Muon, AdamW) lists of ``(name, parameter)``.
+
+    Muon gets the 2-D matrices inside the RetNet blocks (q/k/v/g/out projections, SwiGLU fc1/gate/fc2).
+    AdamW gets everything else: the embedding (= tied head), an untied head, norms, biases. Works on
+    wrapped models too (DDP ``module.``, ``torch.compile`` ``_orig_mod.`` prefixes). Each parameter
+    appears once.
+    """
+    muon, adamw = [], []
+    for name, param in model.named_parameters():  # deduplicates the tied embedding/head
+        if not param.requires_grad:
+            continue
+        in_block = "decoder.layers." in name
+        (muon if in_block and param.ndim == 2 else adamw).append((name, param))
+    return muon, adamw
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample ids ``[B]`` from logits ``[B, V]`` at ``temperature`` with nucleus (top-p) filtering."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the most likely token is always kept).
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return order.gather(-1, choice)[:, 0]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _check_ids(ids: torch.Tensor, ndim: int, name: str, shape: str) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != ndim or ids.dtype not in (torch.int64, torch.int32):
+        found = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{name} must be an int64/int32 tensor of shape {shape}, found {found}.")
+    if ids.numel() == 0:
+        raise ValueError(f"{name} must not be empty, found shape {tuple(ids.shape)}.")
+
+
+def _check_range(ids: torch.Tensor, vocab_size: int) -> None:
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"token ids must be in [0, {vocab_size}), found ids in [{low}, {high}]; "
+                         "does the tokenizer match the student's vocab_size?")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
