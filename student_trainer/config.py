@@ -1,0 +1,182 @@
+"""Training configuration: one flat dataclass, loaded from YAML, with ``key=value`` overrides.
+
+Flat on purpose: every key can be overridden the same way on the command line
+(``retnet-distill train --config configs/train_cpu.yaml max_steps=50 teacher_topk=32``), and the
+original project's key names (``model_variant``, ``teacher_model``, ``teacher_topk``,
+``distill_alpha``, ...) keep their meaning. Unknown keys are rejected by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that is not accepted; the message names it."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (see the README's table for each key)."""
+
+    # run
+    output_dir: str = "runs/train"
+    seed: int = 0
+    device: str = "auto"  # auto (CUDA if available), cpu, cuda, cuda:N
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    cpu_threads: int = 0  # 0: torch's default
+    max_steps: int = 1000
+    resume: str = "auto"  # auto (latest checkpoint in output_dir), never, or a checkpoint folder
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    save_every: int = 500
+    keep_last: int = 3
+    # student
+    model_variant: Literal["tiny", "350M", "500M"] = "500M"
+    student_vocab_size: int | None = None  # None: the teacher tokenizer's length
+    chunkwise_recurrent: bool = False
+    gradient_checkpointing: bool = False
+    # data
+    train_data: str = "python-docs"  # a shard folder from `retnet-distill preprocess`, or python-docs
+    val_split: str = "val"
+    max_seq_length: int = 1024
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    data_dir: str = "data"  # where python-docs shards are built when train_data is python-docs
+    # teacher
+    teacher_mode: Literal["direct"] = "direct"
+    teacher_model: str = "smollm2-135m-instruct"
+    teacher_device: str = "auto"
+    teacher_dtype: str = "auto"
+    teacher_topk: int = 64
+    model_cache_dir: str = "~/.cache/retnet-distill/models"
+    # loss
+    temperature: float = 1.0
+    distill_alpha: float = 0.5  # weight of the hard-label CE; the KL gets (1 - alpha) * T^2
+    lambda_div: float = 0.0
+    divergence: Literal["forward", "reverse", "skew"] = "forward"
+    skew_beta: float = 0.1
+    loss_chunk_rows: int = 512
+    # optimiser
+    optimizer: Literal["muon", "adamw"] = "muon"
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    # training health
+    saddle_detection: bool = True
+    saddle_window: int = 100
+    saddle_min_improvement: float = 0.01
+    saddle_boost: float = 2.0
+    saddle_duration: int = 50
+    saddle_cooldown: int = 200
+    max_nonfinite_steps: int = 10
+    # telemetry
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    wandb_project: str = "retnet-distill"
+    progress: bool = True
+    tags: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        """Cross-field checks (types are checked while loading)."""
+        positive = ("max_steps", "log_every", "eval_every", "save_every", "keep_last", "max_seq_length", "batch_size",
+                    "grad_accum_steps", "teacher_topk", "loss_chunk_rows", "saddle_window", "max_nonfinite_steps")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, found {getattr(self, key)}")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ConfigError(f"distill_alpha must be in [0, 1] (1 = CE only), found {self.distill_alpha}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, found {self.temperature}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, found {self.lr}")
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the field's type; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(option for option in options if option is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {list(allowed)}, found {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, found {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, found {value!r}") from None
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. output_dir=2024 from an override
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {hint.__name__}, found {value!r} ({type(value).__name__})")
+    return value
+
+
+def _unknown_key(key: str, known: dict[str, Any]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "; see the README for every key"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value parsed as YAML (``lr=1e-3``, ``progress=false``, ``tags=[a,b]``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML file (optional) plus ``key=value`` overrides -> a checked :class:`TrainConfig`.
+
+    Raises:
+        ConfigError: an unknown key (with the closest known one), a value of the wrong type, or
+            values that do not go together.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of key: value, found {type(loaded).__name__}")
+        values.update(loaded)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        values[key] = value
+    types_by_key = _field_types()
+    for key in values:
+        if key not in types_by_key:
+            raise _unknown_key(key, types_by_key)
+    config = TrainConfig(**{key: _coerce(key, value, types_by_key[key]) for key, value in values.items()})
+    config.check()
+    return config
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
