@@ -73,6 +73,30 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from student_trainer.config import ConfigError, load_config
+    from student_trainer.health import TrainingDiverged
+    from student_trainer.train import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"retnet-distill train: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = train(config)
+    except TrainingDiverged as exc:
+        print(f"retnet-distill train: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: summary[k] for k in ("checkpoint", "steps", "skipped_steps")}))
+    print(json.dumps({k: round(v, 4) for k, v in summary["metrics"].items() if k.startswith("eval/")}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from student_trainer.main_job import DEFAULT_CACHE_DIR
     from teacher_server.engines.model_source import EMBEDDED_ALIAS
@@ -114,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--overwrite", action="store_true", help="replace an existing shard set")
     prep.add_argument("--model-cache-dir", default=DEFAULT_CACHE_DIR, help="where GGUF tokenizers are converted once")
     prep.set_defaults(handler=_preprocess)
+
+    trn = commands.add_parser("train", help="distil a RetNet student (config YAML + key=value overrides)")
+    trn.add_argument("--config", help="a YAML file such as configs/train_cpu.yaml")
+    trn.add_argument("overrides", nargs="*", help="key=value settings that override the YAML")
+    trn.set_defaults(handler=_train)
     return parser
 
 

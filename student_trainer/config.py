@@ -76,7 +76,9 @@ class TrainConfig:
     # training health
     saddle_detection: bool = True
     saddle_window: int = 100
-    saddle_min_improvement: float = 0.01
+    saddle_min_improvement: float = 0.002
+    saddle_warmup_steps: int = 1000  # never fires before this step (keep it past the LR warmup)
+    saddle_patience: int = 50  # consecutive plateau-looking steps before an intervention
     saddle_boost: float = 2.0
     saddle_duration: int = 50
     saddle_cooldown: int = 200
@@ -98,6 +100,9 @@ class TrainConfig:
             raise ConfigError(f"distill_alpha must be in [0, 1] (1 = CE only), found {self.distill_alpha}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, found {self.temperature}")
+        if self.warmup_steps >= self.max_steps:
+            raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps}); "
+                              "shorten the warmup or train longer")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, found {self.lr}")
 

@@ -1,0 +1,6 @@
+"""Teacher-target sources for the trainer: one interface for the direct, cached and network modes."""
+
+from student_trainer.teachers.base import TeacherSource
+from student_trainer.teachers.direct import DirectTeacher
+
+__all__ = ["DirectTeacher", "TeacherSource"]

@@ -1,0 +1,286 @@
+"""The training recipe, top to bottom: set up, loop, save.
+
+``retnet-distill train --config configs/train_cpu.yaml [key=value ...]`` runs :func:`train`.
+One optimiser step = ``grad_accum_steps`` micro-batches; each micro-batch gets teacher targets
+from the configured source, runs the student's parallel forward to hidden states and the chunked
+distillation loss (LM head included), and accumulates gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from student_trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from student_trainer.config import TrainConfig, config_to_dict
+from student_trainer.data.sampler import ShardSampler
+from student_trainer.data.shards import PretokenizedShardDataset, collate_rows, read_manifest
+from student_trainer.health import HealthConfig, NonFiniteGuard, SaddleDetector
+from student_trainer.losses import LossConfig, LossOutput, distillation_loss
+from student_trainer.model import RetNetStudent, StudentConfig
+from student_trainer.optim import LRController, OptimConfig, build_optimizers, clip_grad_norm, configure_cuda_allocator
+from student_trainer.targets import TeacherTargets
+from student_trainer.teachers import DirectTeacher, TeacherSource
+from student_trainer.telemetry import Telemetry, memory_metrics
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------- setup
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} but CUDA is not available; use device=cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_teacher(config: TrainConfig) -> TeacherSource:
+    """The teacher-target source of ``teacher_mode`` (direct: the HF engine in this process)."""
+    return DirectTeacher.load(config.teacher_model, config.teacher_topk, config.temperature,
+                              device=config.teacher_device, dtype=config.teacher_dtype, cache_dir=config.model_cache_dir)
+
+
+def prepare_data(config: TrainConfig, teacher: TeacherSource) -> Path:
+    """The shard folder to train on; ``python-docs`` is built once with the teacher's tokenizer."""
+    if config.train_data == "python-docs" and not Path("python-docs").exists():
+        from student_trainer.data.preprocess import PreprocessConfig, preprocess
+
+        folder = Path(config.data_dir) / f"python-docs-{teacher.tokenizer_sha256[:12]}-{config.max_seq_length}"
+        if not (folder / "manifest.json").is_file():
+            preprocess(PreprocessConfig(inputs=["python-docs"], output=str(folder), tokenizer=config.teacher_model,
+                                        max_seq_length=config.max_seq_length, val_fraction=0.05,
+                                        model_cache_dir=config.model_cache_dir, progress=config.progress))
+    else:
+        folder = Path(config.train_data)
+    manifest = read_manifest(folder)
+    if manifest["tokenizer_sha256"] != teacher.tokenizer_sha256:
+        raise ValueError(
+            f"{folder} was tokenized with tokenizer {manifest['tokenizer']} (sha256 {manifest['tokenizer_sha256'][:12]}...) "
+            f"but the teacher {teacher.name} uses sha256 {teacher.tokenizer_sha256[:12]}...; preprocess the data "
+            "with the teacher's tokenizer"
+        )
+    if manifest["max_seq_length"] != config.max_seq_length:
+        raise ValueError(f"{folder} has rows of {manifest['max_seq_length']} tokens but max_seq_length="
+                         f"{config.max_seq_length}; set max_seq_length={manifest['max_seq_length']}")
+    return folder
+
+
+def build_student(config: TrainConfig, vocab_size: int, device: torch.device) -> RetNetStudent:
+    student_config = StudentConfig.from_preset(
+        config.model_variant, vocab_size=config.student_vocab_size or vocab_size,
+        max_seq_len=max(config.max_seq_length, 16), chunkwise_recurrent=config.chunkwise_recurrent,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
+    return RetNetStudent(student_config).to(device)
+
+
+def optim_config(config: TrainConfig) -> OptimConfig:
+    return OptimConfig(optimizer=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
+                       warmup_steps=config.warmup_steps, total_steps=config.max_steps,
+                       min_lr_ratio=config.min_lr_ratio, grad_clip=config.grad_clip)
+
+
+def health_config(config: TrainConfig) -> HealthConfig:
+    return HealthConfig(enabled=config.saddle_detection, window=config.saddle_window,
+                        min_rel_improvement=config.saddle_min_improvement, warmup_steps=config.saddle_warmup_steps,
+                        patience=config.saddle_patience, boost=config.saddle_boost, duration=config.saddle_duration,
+                        cooldown=config.saddle_cooldown, max_consecutive_nonfinite=config.max_nonfinite_steps)
+
+
+def loss_config(config: TrainConfig) -> LossConfig:
+    return LossConfig(temperature=config.temperature, alpha=config.distill_alpha, lambda_div=config.lambda_div,
+                      divergence=config.divergence, skew_beta=config.skew_beta, chunk_rows=config.loss_chunk_rows)
+
+
+# ------------------------------------------------------------------------------------ one batch
+
+
+@dataclasses.dataclass
+class Batch:
+    """A micro-batch: ``input_ids [B, L]``, ``row_mask [B, L]`` (row t supervised), ``labels [B, L]``."""
+
+    input_ids: torch.Tensor
+    lengths: torch.Tensor
+    indices: torch.Tensor
+    row_mask: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, Any]]) -> "Batch":
+        batch = collate_rows(rows)
+        longest = int(batch["lengths"].max())
+        input_ids, loss_mask = batch["input_ids"][:, :longest], batch["loss_mask"][:, :longest]
+        # Row t predicts token t+1: it is supervised when token t+1 is a target (mask is 0 on padding).
+        row_mask = torch.zeros_like(loss_mask)
+        row_mask[:, :-1] = loss_mask[:, 1:]
+        labels = torch.full_like(input_ids, -100)
+        labels[:, :-1] = input_ids[:, 1:]
+        return cls(input_ids, batch["lengths"], batch["indices"], row_mask, labels)
+
+
+def student_loss(model: RetNetStudent, batch: Batch, targets: TeacherTargets, config: LossConfig,
+                 device: torch.device, autocast: Any) -> LossOutput:
+    with autocast:
+        hidden = model.hidden_states(batch.input_ids.to(device))
+    return distillation_loss(hidden, model.output_projection.weight, targets.to(device),
+                             batch.labels.to(device), batch.row_mask.to(device), config)
+
+
+# ------------------------------------------------------------------------------------- the loop
+
+
+def train(config: TrainConfig, teacher: TeacherSource | None = None) -> dict[str, Any]:
+    """Run (or resume) a training run; returns a summary with the final metrics and checkpoint."""
+    configure_cuda_allocator()
+    device = pick_device(config.device)
+    if config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
+    seed_everything(config.seed)
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                if device.type == "cuda" and config.precision in ("auto", "bf16") else nullcontext())
+
+    teacher = teacher or build_teacher(config)
+    data_dir = prepare_data(config, teacher)
+    train_set = PretokenizedShardDataset(data_dir, "train")
+    splits = read_manifest(data_dir)["splits"]
+    val_set = PretokenizedShardDataset(data_dir, config.val_split) if config.val_split in splits else None
+    sampler = ShardSampler(len(train_set), seed=config.seed)
+
+    resume_from = resolve_resume(config.resume, output_dir)
+    if resume_from is not None:
+        model = RetNetStudent.load(resume_from / "model", device=device)
+    else:
+        model = build_student(config, teacher.vocab_size, device)
+    optimizers = build_optimizers(model, optim_config(config))
+    detector = SaddleDetector(health_config(config))
+    guard = NonFiniteGuard.from_config(detector.config)
+    lr_control = LRController(optimizers, optim_config(config), multiplier=detector.multiplier)
+    losses = loss_config(config)
+    start_step, tokens_seen = 0, 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, optimizers)
+        start_step, tokens_seen = state["step"], state["tokens_seen"]
+        sampler.load_state_dict(state["sampler"])
+        detector.load_state_dict(state["detector"])
+        guard.load_state_dict(state["guard"])
+        lr_control.load_state_dict(state["lr"])
+        log.info("resumed from %s at step %d", resume_from, start_step)
+
+    telemetry = Telemetry(output_dir, config_to_dict(config), config.wandb_mode, config.wandb_project,
+                          config.progress, config.max_steps, start_step)
+    telemetry.log(start_step, {"event": "start", "resumed_from": str(resume_from) if resume_from else None,
+                               "student_parameters": model.num_parameters(), "teacher": teacher.name,
+                               "train_rows": len(train_set), "data": str(data_dir)})
+    evaluator = Evaluator(val_set or train_set, teacher, losses, config, device, autocast)
+
+    def trainer_state() -> dict[str, Any]:
+        return {"tokens_seen": tokens_seen, "sampler": sampler.state_dict(), "detector": detector.state_dict(),
+                "guard": guard.state_dict(), "lr": lr_control.state_dict(), "config": config_to_dict(config),
+                "teacher": {"name": teacher.name, "tokenizer_sha256": teacher.tokenizer_sha256, "k": teacher.k,
+                            "temperature": teacher.temperature}}
+
+    last: dict[str, Any] = {}
+    if start_step == 0:
+        last = evaluator.run(model)
+        telemetry.log(0, last)
+    try:
+        for step in range(start_step, config.max_steps):
+            model.train()
+            step_started, teacher_seconds, micro_metrics, step_tokens = time.perf_counter(), 0.0, [], 0
+            for _ in range(config.grad_accum_steps):
+                batch = Batch.from_rows([train_set[i] for i in sampler.take(config.batch_size)])
+                teacher_started = time.perf_counter()
+                targets = teacher.targets_for(batch.input_ids, batch.lengths, batch.indices)
+                teacher_seconds += time.perf_counter() - teacher_started
+                out = student_loss(model, batch, targets, losses, device, autocast)
+                (out.loss / config.grad_accum_steps).backward()
+                micro_metrics.append(out.metrics("train/"))
+                step_tokens += int(batch.lengths.sum())
+            grad_norm = clip_grad_norm(model.parameters(), config.grad_clip)
+            metrics = {key: float(np.mean([m[key] for m in micro_metrics])) for key in micro_metrics[0]}
+            if guard.should_skip(metrics["train/total"], grad_norm, step):
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                telemetry.event(step + 1, "nonfinite_skip", reason=guard.last_reason, skipped_total=guard.total_skipped)
+                continue
+            lrs = lr_control.apply(step)
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            tokens_seen += step_tokens
+            event = detector.update(step, metrics["train/total"], grad_norm)
+            if event is not None:
+                telemetry.event(step + 1, "saddle_intervention", **event.to_dict())
+
+            done = step + 1
+            seconds = time.perf_counter() - step_started
+            metrics.update({"train/grad_norm": grad_norm, "train/tokens_per_s": step_tokens / seconds,
+                            "train/step_seconds": seconds, "teacher/seconds": teacher_seconds,
+                            "teacher/share": teacher_seconds / seconds, "train/tokens_seen": tokens_seen,
+                            "train/lr_multiplier": detector.multiplier(step),
+                            **{f"lr/{name}": value for name, value in lrs.items()}})
+            telemetry.progress(done, metrics["train/total"], metrics["train/tokens_per_s"], metrics["teacher/share"])
+            if done % config.log_every == 0 or done == config.max_steps:
+                telemetry.log(done, {**metrics, **memory_metrics(device)})
+            if done % config.eval_every == 0 or done == config.max_steps:
+                last = {**metrics, **evaluator.run(model)}
+                telemetry.log(done, {k: v for k, v in last.items() if k.startswith("eval/")})
+            if done % config.save_every == 0 or done == config.max_steps:
+                save_checkpoint(output_dir, done, model, optimizers, trainer_state(), config.keep_last)
+    finally:
+        telemetry.close()
+    final = output_dir / "checkpoints" / f"step-{config.max_steps:08d}"
+    return {"output_dir": str(output_dir), "checkpoint": str(final), "steps": config.max_steps, "metrics": last,
+            "saddle_events": [e.to_dict() for e in detector.events], "skipped_steps": guard.total_skipped}
+
+
+class Evaluator:
+    """Held-out loss, KL to the teacher, perplexity and top-1 agreement on fixed batches.
+
+    The batches and their teacher targets are computed once and reused at every evaluation.
+    """
+
+    def __init__(self, dataset: PretokenizedShardDataset, teacher: TeacherSource, losses: LossConfig,
+                 config: TrainConfig, device: torch.device, autocast: Any) -> None:
+        self.losses, self.device, self.autocast = losses, device, autocast
+        order = ShardSampler(len(dataset), shuffle=False)
+        count = min(config.eval_batches, max(1, len(dataset) // config.batch_size))
+        self.batches = []
+        for _ in range(count):
+            batch = Batch.from_rows([dataset[i] for i in order.take(config.batch_size)])
+            self.batches.append((batch, teacher.targets_for(batch.input_ids, batch.lengths, batch.indices)))
+
+    @torch.no_grad()
+    def run(self, model: RetNetStudent) -> dict[str, float]:
+        model.eval()
+        totals: dict[str, float] = {}
+        rows = 0
+        for batch, targets in self.batches:
+            out = student_loss(model, batch, targets, self.losses, self.device, self.autocast)
+            for key, value in out.metrics("eval/").items():
+                totals[key] = totals.get(key, 0.0) + value * out.n_rows
+            rows += out.n_rows
+        result = {key: value / max(rows, 1) for key, value in totals.items() if key != "eval/rows"}
+        result["eval/ppl"] = math.exp(min(result.get("eval/ce", 0.0), 50.0))
+        result["eval/rows"] = float(rows)
+        return result
