@@ -34,6 +34,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     cpu_threads: int = 0  # 0: torch's default
     max_steps: int = 1000
+    stop_at_step: int | None = None  # end this invocation after this step with a checkpoint (time-sliced jobs)
     resume: str = "auto"  # auto (latest checkpoint in output_dir), never, or a checkpoint folder
     log_every: int = 10
     eval_every: int = 200

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ class Telemetry:
         import wandb
 
         id_file = self.output_dir / "wandb_run_id"  # the same W&B run continues after a resume
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
         id_file.write_text(run_id)
         return wandb.init(project=project, dir=str(self.output_dir), mode=self.wandb_mode, config=config,
                           id=run_id, resume="allow", settings=wandb.Settings(silent=True, console="off"))
@@ -80,9 +81,9 @@ class Telemetry:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
-    def event(self, step: int, kind: str, **data: Any) -> None:
+    def event(self, step: int, kind: str, data: dict[str, Any]) -> None:
         """A discrete event (saddle intervention, skipped step, teacher switch): logged and printed."""
-        self.log(step, {"event": kind, **data})
+        self.log(step, {"event": kind, **{k: v for k, v in data.items() if k != "step"}})
         message = f"step {step}: {kind} " + " ".join(f"{k}={v}" for k, v in data.items())
         if self._progress.disable:
             log.warning(message)

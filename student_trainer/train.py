@@ -221,7 +221,7 @@ def train(config: TrainConfig, teacher: TeacherSource | None = None) -> dict[str
             if guard.should_skip(metrics["train/total"], grad_norm, step):
                 for optimizer in optimizers:
                     optimizer.zero_grad(set_to_none=True)
-                telemetry.event(step + 1, "nonfinite_skip", reason=guard.last_reason, skipped_total=guard.total_skipped)
+                telemetry.event(step + 1, "nonfinite_skip", {"reason": guard.last_reason, "skipped_total": guard.total_skipped})
                 continue
             lrs = lr_control.apply(step)
             for optimizer in optimizers:
@@ -230,7 +230,7 @@ def train(config: TrainConfig, teacher: TeacherSource | None = None) -> dict[str
             tokens_seen += step_tokens
             event = detector.update(step, metrics["train/total"], grad_norm)
             if event is not None:
-                telemetry.event(step + 1, "saddle_intervention", **event.to_dict())
+                telemetry.event(step + 1, "saddle_intervention", event.to_dict())
 
             done = step + 1
             seconds = time.perf_counter() - step_started
@@ -245,12 +245,17 @@ def train(config: TrainConfig, teacher: TeacherSource | None = None) -> dict[str
             if done % config.eval_every == 0 or done == config.max_steps:
                 last = {**metrics, **evaluator.run(model)}
                 telemetry.log(done, {k: v for k, v in last.items() if k.startswith("eval/")})
-            if done % config.save_every == 0 or done == config.max_steps:
+            stopping = done == config.stop_at_step
+            if done % config.save_every == 0 or done == config.max_steps or stopping:
                 save_checkpoint(output_dir, done, model, optimizers, trainer_state(), config.keep_last)
+            if stopping:
+                telemetry.log(done, {"event": "stop", "reason": f"stop_at_step={done}; resume=auto continues"})
+                break
     finally:
         telemetry.close()
-    final = output_dir / "checkpoints" / f"step-{config.max_steps:08d}"
-    return {"output_dir": str(output_dir), "checkpoint": str(final), "steps": config.max_steps, "metrics": last,
+    done = min(config.max_steps, config.stop_at_step or config.max_steps)
+    final = output_dir / "checkpoints" / f"step-{done:08d}"
+    return {"output_dir": str(output_dir), "checkpoint": str(final), "steps": done, "metrics": last,
             "saddle_events": [e.to_dict() for e in detector.events], "skipped_steps": guard.total_skipped}
 
 
