@@ -60,6 +60,23 @@ def build_tiny_llama(output_dir: Path) -> Path:
     return output_dir
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run far faster on one thread than fighting over two busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_student(vocab_size: int = TINY_VOCAB, **overrides):
+    """The ``tiny`` RetNet student preset with a fixed initialisation."""
+    from student_trainer.model import RetNetStudent, StudentConfig
+
+    torch.manual_seed(0)
+    return RetNetStudent(StudentConfig.from_preset("tiny", vocab_size=vocab_size, **overrides))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

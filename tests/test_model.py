@@ -22,23 +22,17 @@ from student_trainer.model import (
     count_parameters,
     split_params_for_muon,
 )
+from tests.conftest import tiny_student
 
 VOCAB = 320
 SEQ = 40  # > 2 chunks of the tiny preset's 16, and not a multiple of it (exercises chunk padding)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model is far faster on one thread than fighting over two busy cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**overrides) -> RetNetStudent:
-    torch.manual_seed(0)
-    return RetNetStudent(StudentConfig.from_preset("tiny", vocab_size=VOCAB, **overrides))
+    return tiny_student(VOCAB, **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -24,23 +24,17 @@ from student_trainer.optim import (
     lr_factor,
     param_groups,
 )
+from tests.conftest import tiny_student
 
 VOCAB = 320
 BLOCK_MATRIX = re.compile(r"decoder\.layers\.\d+\.(retention\.(q|k|v|g|out)_proj|ffn\.(fc1|fc2|gate))\.weight")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model is far faster on one thread than fighting over two busy cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**overrides) -> RetNetStudent:
-    torch.manual_seed(0)
-    return RetNetStudent(StudentConfig.from_preset("tiny", vocab_size=VOCAB, **overrides))
+    return tiny_student(VOCAB, **overrides)
 
 
 def groups_by_name(optimizers) -> dict[str, dict]:

@@ -13,6 +13,8 @@ from student_trainer.data.preprocess import PreprocessConfig, preprocess
 from student_trainer.teachers import DirectTeacher
 from student_trainer.train import train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def tiny_shards(tiny_model_dir, tmp_path_factory) -> Path:
