@@ -1,0 +1,433 @@
+"""Teacher cache v1 (DESIGN.md section 4): the spec, the encodings and the resumable writer.
+
+A cache is a directory ``manifest.json`` + ``shard-00000.safetensors``, ... Shard ``i`` holds the
+dataset rows ``first = i * shard_size`` .. ``first + count - 1`` of ONE split of a pre-tokenized
+dataset (the shard set of :mod:`student_trainer.data.shards`), as these safetensors tensors:
+
+==================  =====================  ==========================================================
+name                dtype, shape           meaning
+==================  =====================  ==========================================================
+``input_ids``       int32 ``[n, L]``       the dataset rows, right-padded exactly as in the dataset
+``lengths``         int32 ``[n]``          real tokens per row
+``indices``         uint16/int32 ``[R,k]`` teacher top-k ids (uint16 when vocab_size <= 65536)
+``logprobs``        float16 ``[R, k]``     target type ``topk_fp16``: ``log p_T(id | x_0..x_t)``
+``logprobs_q8``     uint8 ``[R, k]``       target type ``topk_q8``: the same, quantised (below)
+``tail_logprob``    float32 ``[R]``        ``log(1 - sum_k p_T)``, exact, ``-inf`` when the k hold all
+==================  =====================  ==========================================================
+
+``R = sum(lengths)``: rows are packed sequence after sequence, and row ``t`` of a sequence is the
+teacher's distribution of the token *after* ``x_t`` (as on the wire). ``-inf`` log-probs (padding
+when fewer than k ids are available, ids with zero mass) and ``-inf`` tails are stored as such.
+
+q8 mapping (``topk_q8``), with ``step = q8_step`` chosen per cache (default 1/16 nat)::
+
+    encode: q = rint(max(-logprob, 0) / step); q = 255 if q >= 255 or logprob == -inf
+    decode: logprob = -step * q (float32), and q == 255 decodes to -inf
+
+So ``[-254 * step, 0]`` is covered with a uniform grid; for every ``logprob >= -254.5 * step`` the
+decoded value is within ``step / 2`` of the original (1/32 nat at the default step, range -15.9
+nats: p >= 1.3e-7). Anything below range is dropped to ``-inf`` (zero mass): at most
+``k * exp(-254.5 * step)`` of probability, 8e-6 for k = 64 at the default step.
+
+The manifest is rewritten atomically after every shard and each shard is written to a temp name,
+fsynced, then renamed, so a killed writer resumes at the first missing shard. Reading lives in
+:mod:`shared.cache_reader` (``CacheReader`` is also importable from here).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save as safetensors_save
+
+FORMAT_NAME = "retnet-distill-teacher-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+TARGET_TYPES = ("topk_fp16", "topk_q8")
+DEFAULT_Q8_STEP = 1.0 / 16.0  # a power of two, so that -step * q is exact in float32
+Q8_NEG_INF = 255
+# Log-probs a little above 0 are rounding noise of log_softmax; much above is a bug upstream.
+_POSITIVE_TOLERANCE = 1e-2
+# Fields that must agree for a resumed writer or a reader: anything that changes the bytes.
+IDENTITY_FIELDS = (
+    "teacher_model", "teacher_fingerprint", "tokenizer_sha256", "vocab_size", "k", "temperature",
+    "target_type", "q8_step", "dataset_fingerprint", "split", "max_seq_length", "num_sequences", "shard_size",
+)
+
+
+class CacheError(Exception):
+    """Base class: a teacher cache cannot be used as asked."""
+
+
+class CacheMismatch(CacheError):
+    """The cache was made for a different teacher, tokenizer, k, temperature, dataset, ..."""
+
+
+class CacheMiss(CacheError):
+    """A dataset row is not (yet) in the cache."""
+
+
+class CacheCorrupted(CacheError):
+    """A cache file is truncated, altered or inconsistent with the manifest."""
+
+
+def index_dtype(vocab_size: int) -> np.dtype:
+    """uint16 ids when every id fits (vocab_size <= 65536), else int32 (as on the wire)."""
+    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<i4")
+
+
+def bytes_per_token(target_type: str, k: int, vocab_size: int) -> int:
+    """Teacher-target bytes stored per token (one row of ``R``): ``k * (id + logprob) + 4`` (tail).
+
+    ``topk_fp16``: id 2 or 4 B + 2 B per entry; ``topk_q8``: id + 1 B. A shard also stores its input
+    ids (4 B per padded position, ``n * L * 4``), its lengths (``4 * n``) and a JSON header.
+    """
+    if target_type not in TARGET_TYPES:
+        raise ValueError(f"target_type must be one of {TARGET_TYPES}, found {target_type!r}")
+    logprob_bytes = 2 if target_type == "topk_fp16" else 1
+    return k * (index_dtype(vocab_size).itemsize + logprob_bytes) + 4
+
+
+def shard_file_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a cache holds and for which teacher and dataset; every field is in the manifest.
+
+    Attributes:
+        teacher_model: the teacher's model id (e.g. a Hugging Face repo id).
+        teacher_fingerprint: a string that changes when the teacher's weights change.
+        tokenizer_sha256: :func:`shared.fingerprint.tokenizer_sha256` of the teacher's tokenizer.
+        vocab_size: tokenizer length; every id is in ``[0, vocab_size)``.
+        k: top-k entries per token; temperature: applied to the teacher's logits (``> 0``).
+        target_type: ``topk_fp16`` or ``topk_q8``; q8_step: the q8 grid step in nats (q8 only;
+            ``None`` means :data:`DEFAULT_Q8_STEP`).
+        dataset_path, dataset_fingerprint: the shard set (its manifest's ``fingerprint``).
+        split: the dataset split; max_seq_length: ``L``; num_sequences: rows in the split.
+        shard_size: sequences per cache shard (the last shard may hold fewer).
+    """
+
+    teacher_model: str
+    teacher_fingerprint: str
+    tokenizer_sha256: str
+    vocab_size: int
+    k: int
+    temperature: float
+    target_type: str
+    dataset_path: str
+    dataset_fingerprint: str
+    split: str
+    max_seq_length: int
+    num_sequences: int
+    shard_size: int
+    q8_step: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("teacher_model", "teacher_fingerprint", "tokenizer_sha256", "dataset_fingerprint", "split"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"CacheSpec.{name} must be a non-empty string, found {value!r}")
+        if not isinstance(self.dataset_path, str):
+            raise ValueError(f"CacheSpec.dataset_path must be a string, found {self.dataset_path!r}")
+        for name, low in (("vocab_size", 1), ("k", 1), ("max_seq_length", 1), ("num_sequences", 1), ("shard_size", 1)):
+            value = getattr(self, name)
+            if type(value) is not int or value < low:
+                raise ValueError(f"CacheSpec.{name} must be an integer >= {low}, found {value!r}")
+        if self.k > self.vocab_size:
+            raise ValueError(f"CacheSpec.k={self.k} exceeds vocab_size={self.vocab_size}; lower k")
+        if not isinstance(self.temperature, (int, float)) or not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"CacheSpec.temperature must be finite and > 0, found {self.temperature!r}")
+        if self.target_type not in TARGET_TYPES:
+            raise ValueError(f"CacheSpec.target_type must be one of {TARGET_TYPES}, found {self.target_type!r}")
+        if self.target_type == "topk_q8":
+            if self.q8_step is None:
+                object.__setattr__(self, "q8_step", DEFAULT_Q8_STEP)
+            elif not isinstance(self.q8_step, (int, float)) or not 0 < self.q8_step <= 1:
+                raise ValueError(f"CacheSpec.q8_step must be in (0, 1] nats, found {self.q8_step!r}")
+            object.__setattr__(self, "q8_step", float(self.q8_step))
+        elif self.q8_step is not None:
+            raise ValueError(f"CacheSpec.q8_step applies to target_type 'topk_q8' only, found {self.q8_step!r} "
+                             f"with target_type {self.target_type!r}; leave it None")
+        object.__setattr__(self, "temperature", float(self.temperature))
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_sequences // self.shard_size)
+
+    def shard_range(self, index: int) -> tuple[int, int]:
+        """``(first, count)``: the dataset rows of shard ``index``."""
+        if not 0 <= index < self.num_shards:
+            raise ValueError(f"shard index must be in [0, {self.num_shards}), found {index}")
+        first = index * self.shard_size
+        return first, min(self.shard_size, self.num_sequences - first)
+
+    def differences(self, other: CacheSpec) -> list[str]:
+        """Human-readable ``field: ours vs theirs`` for every identity field that differs."""
+        return [f"{name}: {getattr(self, name)!r} vs {getattr(other, name)!r}"
+                for name in IDENTITY_FIELDS if getattr(self, name) != getattr(other, name)]
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> CacheSpec:
+        return cls(**{f.name: manifest.get(f.name) for f in fields(cls)})
+
+
+# ------------------------------------------------------------------------------------- q8 codec
+
+
+def quantize_q8(logprobs: np.ndarray, step: float) -> np.ndarray:
+    """Log-probs ``[...]`` (float, ``<= 0`` or ``-inf``) -> uint8 codes ``[...]`` (module docstring)."""
+    # float32 is enough: multiplying by 1/step is exact for power-of-two steps (the default).
+    scaled = np.maximum(-np.asarray(logprobs, dtype=np.float32), np.float32(0)) * np.float32(1.0 / step)
+    return np.rint(np.minimum(scaled, np.float32(Q8_NEG_INF))).astype(np.uint8)  # -inf -> +inf -> 255
+
+
+def dequantize_q8(codes: np.ndarray, step: float) -> np.ndarray:
+    """uint8 codes ``[...]`` -> float32 log-probs ``[...]``; 255 -> ``-inf``."""
+    table = (-step * np.arange(256, dtype=np.float64)).astype(np.float32)
+    table[Q8_NEG_INF] = -np.inf
+    return table[codes]
+
+
+# ------------------------------------------------------------------------------------ file utils
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (the file's own fsync does not cover its name)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via ``.{name}.tmp-{pid}``, fsync, rename: readers see the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def is_temp_file(name: str) -> bool:
+    return name.startswith(".") and ".tmp-" in name
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The parsed manifest of the cache in ``directory``, format and version checked."""
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"{path} not found: {directory} is not a teacher cache (expected a directory "
+                         "written by CacheWriter, with manifest.json and shard-*.safetensors)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CacheCorrupted(f"{path} is not valid JSON ({exc}); delete the cache directory and write it again") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CacheError(f"{path}: format {found!r}, expected {FORMAT_NAME!r}")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CacheError(f"{path}: version {manifest.get('version')!r}, this code reads version {FORMAT_VERSION}; "
+                         "rewrite the cache with this version")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------- writer
+
+
+class CacheWriter:
+    """Writes (or resumes writing) the cache of ``spec`` in ``directory``, one shard at a time.
+
+    Opening a directory that already has a manifest resumes it when the identity fields agree
+    (:data:`IDENTITY_FIELDS`) and raises :class:`CacheMismatch` otherwise. Listed shards are
+    trusted when their file exists with the listed size (and sha256, with ``verify_existing``);
+    the others are written again. Leftover temp files of a killed writer are removed. A lock file
+    keeps a second writer out of the same directory while this one is open.
+    """
+
+    def __init__(self, directory: str | Path, spec: CacheSpec, verify_existing: bool = False) -> None:
+        self.directory = Path(directory)
+        self.spec = spec
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise CacheError(f"another CacheWriter is writing {self.directory}; wait for it or cancel it") from None
+        try:
+            self._shards = self._open_existing(verify_existing)
+            self._write_manifest()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_existing(self, verify: bool) -> dict[int, dict[str, Any]]:
+        names = [p.name for p in self.directory.iterdir()]
+        for name in names:
+            if is_temp_file(name):  # we hold the lock, so no live writer owns it
+                (self.directory / name).unlink(missing_ok=True)
+        if MANIFEST not in names:
+            foreign = [n for n in names if n != LOCK and not is_temp_file(n) and not (n.startswith("shard-") and n.endswith(".safetensors"))]
+            if foreign:
+                raise CacheError(f"{self.directory} has no {MANIFEST} but holds {sorted(foreign)[:5]}: "
+                                 "it is not a teacher cache; choose an empty or new directory")
+            return {}
+        manifest = read_manifest(self.directory)
+        existing = CacheSpec.from_manifest(manifest)
+        diffs = existing.differences(self.spec)
+        if diffs:
+            raise CacheMismatch(f"{self.directory} holds a cache for another configuration (cache vs this writer): "
+                                + "; ".join(diffs) + ". Write to a new directory, or delete this one to rebuild it")
+        kept = {}
+        for record in manifest.get("shards", []):
+            path = self.directory / record["file"]
+            if not path.is_file() or path.stat().st_size != record["bytes"]:
+                continue  # half-copied or deleted: write it again
+            if verify and sha256_file(path) != record["sha256"]:
+                continue
+            kept[int(record["index"])] = record
+        return kept
+
+    @property
+    def complete(self) -> bool:
+        return len(self._shards) == self.spec.num_shards
+
+    def missing_shards(self) -> list[tuple[int, int, int]]:
+        """``(shard index, first dataset row, count)`` of every shard not written yet, in order."""
+        return [(i, *self.spec.shard_range(i)) for i in range(self.spec.num_shards) if i not in self._shards]
+
+    def write_shard(
+        self,
+        shard_index: int,
+        input_ids: np.ndarray,
+        lengths: np.ndarray,
+        indices: np.ndarray,
+        logprobs: np.ndarray,
+        tail_logprob: np.ndarray,
+    ) -> dict[str, Any]:
+        """Write shard ``shard_index`` atomically, then the manifest; returns its manifest record.
+
+        Args:
+            input_ids: ``[n, L]`` integer, the dataset rows ``first .. first + n - 1`` as stored there.
+            lengths: ``[n]`` integer, real tokens per row (``1 <= length <= L``).
+            indices: ``[R, k]`` integer ids in ``[0, vocab_size)``, ``R = sum(lengths)``.
+            logprobs: ``[R, k]`` float (float32 fine), ``<= 0`` or ``-inf``; stored per target type.
+            tail_logprob: ``[R]`` float, ``<= 0`` or ``-inf``.
+        """
+        spec = self.spec
+        first, count = spec.shard_range(shard_index)
+        tensors = self._validate(shard_index, count, input_ids, lengths, indices, logprobs, tail_logprob)
+        # One metadata key: safetensors keeps metadata in a hash map, so several keys would come out
+        # in a random order and two writes of the same shard would differ.
+        about = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "first": first, "count": count,
+                 "target_type": spec.target_type, "q8_step": spec.q8_step}
+        data = safetensors_save(tensors, metadata={FORMAT_NAME: json.dumps(about, sort_keys=True)})
+        path = self.directory / shard_file_name(shard_index)
+        atomic_write(path, data)
+        record = {"index": shard_index, "file": path.name, "first": first, "count": count,
+                  "rows": int(tensors["lengths"].sum()), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        self._shards[shard_index] = record
+        self._write_manifest()
+        return record
+
+    def _validate(self, shard_index: int, count: int, input_ids: np.ndarray, lengths: np.ndarray,
+                  indices: np.ndarray, logprobs: np.ndarray, tail: np.ndarray) -> dict[str, np.ndarray]:
+        """Check shapes, dtypes and ranges; return the tensors in their stored dtypes."""
+        spec, where = self.spec, f"shard {shard_index}"
+        arrays = {"input_ids": np.asarray(input_ids), "lengths": np.asarray(lengths), "indices": np.asarray(indices),
+                  "logprobs": np.asarray(logprobs), "tail_logprob": np.asarray(tail)}
+        for name in ("input_ids", "lengths", "indices"):
+            if arrays[name].dtype.kind not in "iu":
+                raise ValueError(f"{where}: {name} must be an integer array, found {arrays[name].dtype}")
+        for name in ("logprobs", "tail_logprob"):
+            if arrays[name].dtype.kind != "f":
+                raise ValueError(f"{where}: {name} must be a float array, found {arrays[name].dtype}")
+        lens = arrays["lengths"]
+        if arrays["input_ids"].shape != (count, spec.max_seq_length) or lens.shape != (count,):
+            raise ValueError(f"{where} holds rows {spec.shard_range(shard_index)[0]}.. ({count} rows): expected input_ids "
+                             f"[{count}, {spec.max_seq_length}] and lengths [{count}], found "
+                             f"{list(arrays['input_ids'].shape)} and {list(lens.shape)}")
+        if lens.min() < 1 or lens.max() > spec.max_seq_length:
+            raise ValueError(f"{where}: lengths must be in [1, {spec.max_seq_length}], found [{lens.min()}, {lens.max()}]")
+        rows = int(lens.sum())
+        for name, shape in (("indices", (rows, spec.k)), ("logprobs", (rows, spec.k)), ("tail_logprob", (rows,))):
+            if arrays[name].shape != shape:
+                raise ValueError(f"{where}: expected {name} of shape {list(shape)} (R = sum(lengths) = {rows}, "
+                                 f"k = {spec.k}), found {list(arrays[name].shape)}")
+        for name in ("input_ids", "indices"):
+            low, high = int(arrays[name].min()), int(arrays[name].max())
+            if low < 0 or high >= spec.vocab_size:
+                raise ValueError(f"{where}: {name} must be in [0, {spec.vocab_size}), found ids in [{low}, {high}]; "
+                                 "check that the teacher's vocab_size in the spec is the tokenizer's length")
+        for name in ("logprobs", "tail_logprob"):
+            values = arrays[name]
+            bad = np.isnan(values) | (values > _POSITIVE_TOLERANCE)
+            if bad.any():
+                raise ValueError(f"{where}: {name} must be log-probabilities (<= 0 or -inf), found "
+                                 f"{int(bad.sum())} NaN or positive values such as {values[bad].flat[0]}")
+        out = {
+            "input_ids": arrays["input_ids"].astype("<i4"),
+            "lengths": lens.astype("<i4"),
+            "indices": arrays["indices"].astype(index_dtype(spec.vocab_size)),
+            "tail_logprob": arrays["tail_logprob"].astype("<f4"),
+        }
+        if spec.target_type == "topk_q8":
+            out["logprobs_q8"] = quantize_q8(arrays["logprobs"], spec.q8_step)
+        else:
+            out["logprobs"] = arrays["logprobs"].astype("<f2")
+        return {name: np.ascontiguousarray(value) for name, value in out.items()}
+
+    def _write_manifest(self) -> None:
+        spec = self.spec
+        manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **asdict(spec),
+                    "index_dtype": index_dtype(spec.vocab_size).name,
+                    "bytes_per_token": bytes_per_token(spec.target_type, spec.k, spec.vocab_size),
+                    "num_shards": spec.num_shards, "complete": self.complete,
+                    "shards": [self._shards[i] for i in sorted(self._shards)]}
+        atomic_write(self.directory / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+    def close(self) -> None:
+        """Release the directory lock (also on garbage collection and when the process dies)."""
+        if getattr(self, "_lock_fd", None) is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def __getattr__(name: str) -> Any:
+    # The reader lives in its own module; re-export it lazily so that both import orders work.
+    if name in ("CacheReader", "CachedRow"):
+        from shared import cache_reader
+
+        return getattr(cache_reader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,260 @@
+"""Memory-mapped reading of a teacher cache v1 (format in :mod:`shared.cache_format`).
+
+Each shard file is parsed by hand (safetensors: 8-byte little-endian header size, a JSON header of
+``{name: {"dtype", "shape", "data_offsets"}}``, then the data buffer) and mapped once; tensors are
+numpy views into that mapping, so a lookup touches only the pages of the rows it reads. Shards are
+mapped on first use, but every file's size and header are checked when the reader opens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import struct
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from shared.cache_format import (
+    CacheCorrupted,
+    CacheMismatch,
+    CacheMiss,
+    CacheSpec,
+    dequantize_q8,
+    index_dtype,
+    read_manifest,
+    sha256_file,
+)
+
+# safetensors dtype names -> little-endian numpy dtypes (only what a cache may hold).
+_DTYPES = {"U8": np.dtype("<u1"), "U16": np.dtype("<u2"), "I32": np.dtype("<i4"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+_MAX_HEADER_BYTES = 100 << 20  # the safetensors limit; a bigger "size" means a corrupted file
+
+
+class CachedRow(NamedTuple):
+    """One cached dataset row; unpacks as ``(input_ids, length, indices, logprobs, tail_logprob)``.
+
+    Attributes:
+        input_ids: ``[L]`` int32, the dataset row with its right padding.
+        length: real tokens in the row (``n``).
+        indices: ``[n, k]`` uint16 or int32 (as stored) teacher ids.
+        logprobs: ``[n, k]`` float32 (fp16 widened, q8 dequantised), ``-inf`` kept.
+        tail_logprob: ``[n]`` float32.
+    """
+
+    input_ids: np.ndarray
+    length: int
+    indices: np.ndarray
+    logprobs: np.ndarray
+    tail_logprob: np.ndarray
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """``(header, data_start)`` of a safetensors file, every tensor's extent checked against the file.
+
+    Returns the JSON header (``__metadata__`` included) and the file offset of the data buffer.
+
+    Raises:
+        CacheCorrupted: naming ``path``, when the file is too short, the header is not JSON, a dtype
+            is unknown, or a tensor's ``data_offsets`` disagree with its shape or the file size.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        prefix = fh.read(8)
+        if len(prefix) < 8:
+            raise CacheCorrupted(f"{path}: {size} bytes, too short for a safetensors file (truncated)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(_MAX_HEADER_BYTES, size - 8):
+            raise CacheCorrupted(f"{path}: header claims {header_len} bytes but the file has {size} (truncated or corrupted)")
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CacheCorrupted(f"{path}: safetensors header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CacheCorrupted(f"{path}: safetensors header is not a JSON object")
+    data_start, buffer_len = 8 + header_len, size - 8 - header_len
+    end_of_data = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = _DTYPES[info["dtype"]], [int(d) for d in info["shape"]], info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CacheCorrupted(f"{path}: tensor {name!r} has a bad header entry {info!r}") from exc
+        if not 0 <= begin <= end <= buffer_len or end - begin != math.prod(shape) * dtype.itemsize:
+            raise CacheCorrupted(f"{path}: tensor {name!r} {info['dtype']}{shape} at bytes [{begin}, {end}) does not fit "
+                                 f"the {buffer_len}-byte data buffer (truncated or corrupted)")
+        end_of_data = max(end_of_data, end)
+    if end_of_data != buffer_len:
+        raise CacheCorrupted(f"{path}: tensors end at byte {end_of_data} of a {buffer_len}-byte data buffer")
+    return header, data_start
+
+
+class _Shard:
+    """One shard's tensors, checked against the manifest at open, mapped on first use."""
+
+    def __init__(self, directory: Path, record: dict[str, Any], spec: CacheSpec, verify: bool) -> None:
+        self.path, self.record = directory / record["file"], record
+        self.first, self.count = int(record["first"]), int(record["count"])
+        if not self.path.is_file():
+            raise CacheCorrupted(f"{self.path} is listed in the manifest but missing; resume the cache writer to rewrite it")
+        size = self.path.stat().st_size
+        if size != record["bytes"]:
+            raise CacheCorrupted(f"{self.path} has {size} bytes, the manifest says {record['bytes']} (truncated or "
+                                 "overwritten); resume the cache writer to rewrite it")
+        if verify:
+            digest = sha256_file(self.path)
+            if digest != record["sha256"]:
+                raise CacheCorrupted(f"{self.path}: sha256 {digest} does not match the manifest's {record['sha256']}; "
+                                     "the file was altered: delete it and resume the cache writer")
+        self.header, self.data_start = read_safetensors_header(self.path)
+        rows, k, width = int(record["rows"]), spec.k, spec.max_seq_length
+        logprobs = ("logprobs_q8", "U8") if spec.target_type == "topk_q8" else ("logprobs", "F16")
+        ids = "U16" if index_dtype(spec.vocab_size).itemsize == 2 else "I32"
+        expected = {"input_ids": ("I32", [self.count, width]), "lengths": ("I32", [self.count]),
+                    "indices": (ids, [rows, k]), logprobs[0]: (logprobs[1], [rows, k]), "tail_logprob": ("F32", [rows])}
+        found = {n: (i["dtype"], i["shape"]) for n, i in self.header.items() if n != "__metadata__"}
+        if found != expected:
+            raise CacheCorrupted(f"{self.path}: tensors {found} do not match the manifest's {expected}")
+        self.step = spec.q8_step
+        self.tensors: dict[str, np.ndarray] | None = None
+        self.offsets: np.ndarray | None = None
+
+    def _map(self) -> dict[str, np.ndarray]:
+        with open(self.path, "rb") as fh:
+            buffer = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        tensors = {}
+        for name, info in self.header.items():
+            if name != "__metadata__":
+                begin, end = info["data_offsets"]
+                dtype = _DTYPES[info["dtype"]]
+                flat = np.frombuffer(buffer, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self.data_start + begin)
+                tensors[name] = flat.reshape(info["shape"])
+        self.offsets = np.concatenate([[0], np.cumsum(tensors["lengths"], dtype=np.int64)])
+        if self.offsets[-1] != self.record["rows"]:
+            raise CacheCorrupted(f"{self.path}: lengths sum to {self.offsets[-1]}, the manifest says {self.record['rows']} rows")
+        self.tensors = tensors
+        return tensors
+
+    def unmap(self) -> None:
+        self.tensors, self.offsets = None, None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled into DataLoader workers: send the small header, never the mapped data.
+        return {**self.__dict__, "tensors": None, "offsets": None}
+
+    def row(self, i: int) -> CachedRow:
+        """Row ``i`` of this shard (``0 <= i < count``), copied out of the mapping."""
+        tensors = self.tensors if self.tensors is not None else self._map()
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        if "logprobs_q8" in tensors:
+            logprobs = dequantize_q8(tensors["logprobs_q8"][a:b], self.step)
+        else:
+            logprobs = tensors["logprobs"][a:b].astype(np.float32)
+        return CachedRow(np.array(tensors["input_ids"][i]), b - a, np.array(tensors["indices"][a:b]), logprobs,
+                         np.array(tensors["tail_logprob"][a:b]))
+
+
+class CacheReader:
+    """Looks teacher targets up by dataset row index in the cache at ``directory``.
+
+    Args:
+        directory: a cache written by :class:`shared.cache_format.CacheWriter` (complete or not).
+        verify: check every shard's sha256 against the manifest (reads all data once).
+
+    Raises:
+        CacheError: no manifest or another format/version; CacheCorrupted: a listed shard is
+            missing, has the wrong size, a broken header, or (``verify``) the wrong sha256.
+    """
+
+    def __init__(self, directory: str | Path, verify: bool = False) -> None:
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        try:
+            self.spec = CacheSpec.from_manifest(self.manifest)
+        except (TypeError, ValueError) as exc:
+            raise CacheCorrupted(f"{self.directory / 'manifest.json'}: invalid cache spec ({exc})") from exc
+        self._shards: dict[int, _Shard] = {}
+        for record in self.manifest.get("shards", []):
+            shard = _Shard(self.directory, record, self.spec, verify)
+            if (shard.first, shard.count) != self.spec.shard_range(int(record["index"])):
+                raise CacheCorrupted(f"{shard.path}: rows {shard.first}+{shard.count} disagree with shard_size {self.spec.shard_size}")
+            self._shards[int(record["index"])] = shard
+
+    @property
+    def complete(self) -> bool:
+        return len(self._shards) == self.spec.num_shards
+
+    def __len__(self) -> int:
+        """Rows in the dataset split (cached or not)."""
+        return self.spec.num_sequences
+
+    def has_row(self, row_index: int) -> bool:
+        return 0 <= row_index < self.spec.num_sequences and row_index // self.spec.shard_size in self._shards
+
+    def lookup(self, row_index: int) -> CachedRow:
+        """Teacher targets of dataset row ``row_index`` (see :class:`CachedRow` for shapes).
+
+        Raises:
+            CacheMiss: the row is outside the split or its shard has not been written yet.
+        """
+        spec = self.spec
+        row_index = int(row_index)
+        if not 0 <= row_index < spec.num_sequences:
+            raise CacheMiss(f"row {row_index} is outside split {spec.split!r} of the cached dataset "
+                            f"({spec.num_sequences} rows, fingerprint {spec.dataset_fingerprint[:12]})")
+        index = row_index // spec.shard_size
+        shard = self._shards.get(index)
+        if shard is None:
+            first, count = spec.shard_range(index)
+            raise CacheMiss(f"row {row_index} is in shard {index} (rows {first}..{first + count - 1}), which "
+                            f"{self.directory} does not have: the cache is incomplete ({len(self._shards)}/"
+                            f"{spec.num_shards} shards); resume the cache writer or train without the cache")
+        return shard.row(row_index - shard.first)
+
+    def lookup_many(self, row_indices: list[int] | np.ndarray) -> list[CachedRow]:
+        """:meth:`lookup` for each index, in the given order (read in row order, for locality)."""
+        order = sorted(range(len(row_indices)), key=lambda j: int(row_indices[j]))
+        out: list[CachedRow | None] = [None] * len(order)
+        for j in order:
+            out[j] = self.lookup(row_indices[j])
+        return out  # type: ignore[return-value]
+
+    def check_input_ids(self, row_index: int, input_ids: np.ndarray) -> None:
+        """Raise :class:`CacheMismatch` unless the cached row equals the dataset's ``input_ids [L]``."""
+        cached = self.lookup(row_index).input_ids
+        given = np.asarray(input_ids).reshape(-1)
+        if cached.shape != given.shape or not np.array_equal(cached, given):
+            where = "shape" if cached.shape != given.shape else f"position {int(np.flatnonzero(cached != given)[0])}"
+            raise CacheMismatch(f"dataset row {row_index} differs from the cached one ({where}): the cache at "
+                                f"{self.directory} was made for another dataset; rebuild it for this one")
+
+    def check_compatible(self, **expected: Any) -> None:
+        """Raise :class:`CacheMismatch` naming every spec field that differs from ``expected``.
+
+        Example: ``reader.check_compatible(k=32, temperature=1.0, tokenizer_sha256=sha)`` raises
+        "cache was made for k=64, this run asks for k=32" when the cache holds k = 64.
+        """
+        known = set(CacheSpec.__dataclass_fields__)
+        unknown = set(expected) - known
+        if unknown:
+            raise TypeError(f"check_compatible got unknown field(s) {sorted(unknown)}; expected some of {sorted(known)}")
+        diffs = [f"cache was made for {name}={getattr(self.spec, name)!r}, this run asks for {name}={value!r}"
+                 for name, value in expected.items() if getattr(self.spec, name) != value]
+        if diffs:
+            raise CacheMismatch(f"teacher cache {self.directory} does not fit this run: " + "; ".join(diffs)
+                                + ". Rebuild the cache with these settings, or change the run to match it")
+
+    def close(self) -> None:
+        """Drop the mappings (rows handed out are copies, so nothing dangles); a later lookup maps again."""
+        for shard in self._shards.values():
+            shard.unmap()
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
