@@ -30,7 +30,9 @@ nats: p >= 1.3e-7). Anything below range is dropped to ``-inf`` (zero mass): at 
 ``k * exp(-254.5 * step)`` of probability, 8e-6 for k = 64 at the default step.
 
 The manifest is rewritten atomically after every shard and each shard is written to a temp name,
-fsynced, then renamed, so a killed writer resumes at the first missing shard. Reading lives in
+fsynced, then renamed, so a killed writer resumes at the first missing shard. A shard's safetensors
+``__metadata__`` has one key, ``retnet-distill-teacher-cache``: a sorted JSON object with format,
+version, first, count, target_type and q8_step, so a lone shard says what it is. Reading lives in
 :mod:`shared.cache_reader` (``CacheReader`` is also importable from here).
 """
 
@@ -140,13 +142,16 @@ class CacheSpec:
                 raise ValueError(f"CacheSpec.{name} must be a non-empty string, found {value!r}")
         if not isinstance(self.dataset_path, str):
             raise ValueError(f"CacheSpec.dataset_path must be a string, found {self.dataset_path!r}")
-        for name, low in (("vocab_size", 1), ("k", 1), ("max_seq_length", 1), ("num_sequences", 1), ("shard_size", 1)):
+        for name in ("vocab_size", "k", "max_seq_length", "num_sequences", "shard_size"):
             value = getattr(self, name)
-            if type(value) is not int or value < low:
-                raise ValueError(f"CacheSpec.{name} must be an integer >= {low}, found {value!r}")
+            if type(value) is not int or value < 1:
+                raise ValueError(f"CacheSpec.{name} must be an integer >= 1, found {value!r}")
         if self.k > self.vocab_size:
             raise ValueError(f"CacheSpec.k={self.k} exceeds vocab_size={self.vocab_size}; lower k")
-        if not isinstance(self.temperature, (int, float)) or not (math.isfinite(self.temperature) and self.temperature > 0):
+        temperature = self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature > 0
+        ):
             raise ValueError(f"CacheSpec.temperature must be finite and > 0, found {self.temperature!r}")
         if self.target_type not in TARGET_TYPES:
             raise ValueError(f"CacheSpec.target_type must be one of {TARGET_TYPES}, found {self.target_type!r}")
@@ -179,7 +184,10 @@ class CacheSpec:
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> CacheSpec:
-        return cls(**{f.name: manifest.get(f.name) for f in fields(cls)})
+        try:
+            return cls(**{f.name: manifest.get(f.name) for f in fields(cls)})
+        except ValueError as exc:
+            raise CacheCorrupted(f"the cache manifest holds an invalid spec: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------------- q8 codec
@@ -243,7 +251,8 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise CacheCorrupted(f"{path} is not valid JSON ({exc}); delete the cache directory and write it again") from exc
+        raise CacheCorrupted(f"{path} is not valid JSON ({exc}); delete the cache directory and write it again") \
+            from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise CacheError(f"{path}: format {found!r}, expected {FORMAT_NAME!r}")
@@ -284,12 +293,14 @@ class CacheWriter:
             raise
 
     def _open_existing(self, verify: bool) -> dict[int, dict[str, Any]]:
-        names = [p.name for p in self.directory.iterdir()]
-        for name in names:
-            if is_temp_file(name):  # we hold the lock, so no live writer owns it
-                (self.directory / name).unlink(missing_ok=True)
+        names = []
+        for path in self.directory.iterdir():
+            if is_temp_file(path.name):  # we hold the lock, so no live writer owns it
+                path.unlink(missing_ok=True)
+            else:
+                names.append(path.name)
         if MANIFEST not in names:
-            foreign = [n for n in names if n != LOCK and not is_temp_file(n) and not (n.startswith("shard-") and n.endswith(".safetensors"))]
+            foreign = [n for n in names if n != LOCK and not (n.startswith("shard-") and n.endswith(".safetensors"))]
             if foreign:
                 raise CacheError(f"{self.directory} has no {MANIFEST} but holds {sorted(foreign)[:5]}: "
                                  "it is not a teacher cache; choose an empty or new directory")
@@ -366,11 +377,12 @@ class CacheWriter:
                 raise ValueError(f"{where}: {name} must be a float array, found {arrays[name].dtype}")
         lens = arrays["lengths"]
         if arrays["input_ids"].shape != (count, spec.max_seq_length) or lens.shape != (count,):
-            raise ValueError(f"{where} holds rows {spec.shard_range(shard_index)[0]}.. ({count} rows): expected input_ids "
-                             f"[{count}, {spec.max_seq_length}] and lengths [{count}], found "
+            raise ValueError(f"{where} holds {count} rows: expected input_ids [{count}, {spec.max_seq_length}] "
+                             f"and lengths [{count}], found "
                              f"{list(arrays['input_ids'].shape)} and {list(lens.shape)}")
         if lens.min() < 1 or lens.max() > spec.max_seq_length:
-            raise ValueError(f"{where}: lengths must be in [1, {spec.max_seq_length}], found [{lens.min()}, {lens.max()}]")
+            raise ValueError(f"{where}: lengths must be in [1, {spec.max_seq_length}], "
+                             f"found [{lens.min()}, {lens.max()}]")
         rows = int(lens.sum())
         for name, shape in (("indices", (rows, spec.k)), ("logprobs", (rows, spec.k)), ("tail_logprob", (rows,))):
             if arrays[name].shape != shape:

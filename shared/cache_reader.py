@@ -29,7 +29,8 @@ from shared.cache_format import (
 )
 
 # safetensors dtype names -> little-endian numpy dtypes (only what a cache may hold).
-_DTYPES = {"U8": np.dtype("<u1"), "U16": np.dtype("<u2"), "I32": np.dtype("<i4"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+_DTYPES = {name: np.dtype(code) for name, code in
+           {"U8": "<u1", "U16": "<u2", "I32": "<i4", "F16": "<f2", "F32": "<f4"}.items()}
 _MAX_HEADER_BYTES = 100 << 20  # the safetensors limit; a bigger "size" means a corrupted file
 
 
@@ -67,7 +68,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
             raise CacheCorrupted(f"{path}: {size} bytes, too short for a safetensors file (truncated)")
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > min(_MAX_HEADER_BYTES, size - 8):
-            raise CacheCorrupted(f"{path}: header claims {header_len} bytes but the file has {size} (truncated or corrupted)")
+            raise CacheCorrupted(f"{path}: header claims {header_len} bytes but the file has {size} "
+                                 "(truncated or corrupted)")
         raw = fh.read(header_len)
     try:
         header = json.loads(raw)
@@ -85,8 +87,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         except (KeyError, TypeError, ValueError) as exc:
             raise CacheCorrupted(f"{path}: tensor {name!r} has a bad header entry {info!r}") from exc
         if not 0 <= begin <= end <= buffer_len or end - begin != math.prod(shape) * dtype.itemsize:
-            raise CacheCorrupted(f"{path}: tensor {name!r} {info['dtype']}{shape} at bytes [{begin}, {end}) does not fit "
-                                 f"the {buffer_len}-byte data buffer (truncated or corrupted)")
+            raise CacheCorrupted(f"{path}: tensor {name!r} {info['dtype']}{shape} at bytes [{begin}, {end}) does not "
+                                 f"fit the {buffer_len}-byte data buffer (truncated or corrupted)")
         end_of_data = max(end_of_data, end)
     if end_of_data != buffer_len:
         raise CacheCorrupted(f"{path}: tensors end at byte {end_of_data} of a {buffer_len}-byte data buffer")
@@ -100,7 +102,8 @@ class _Shard:
         self.path, self.record = directory / record["file"], record
         self.first, self.count = int(record["first"]), int(record["count"])
         if not self.path.is_file():
-            raise CacheCorrupted(f"{self.path} is listed in the manifest but missing; resume the cache writer to rewrite it")
+            raise CacheCorrupted(f"{self.path} is listed in the manifest but missing; "
+                                 "resume the cache writer to rewrite it")
         size = self.path.stat().st_size
         if size != record["bytes"]:
             raise CacheCorrupted(f"{self.path} has {size} bytes, the manifest says {record['bytes']} (truncated or "
@@ -131,11 +134,12 @@ class _Shard:
             if name != "__metadata__":
                 begin, end = info["data_offsets"]
                 dtype = _DTYPES[info["dtype"]]
-                flat = np.frombuffer(buffer, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=self.data_start + begin)
-                tensors[name] = flat.reshape(info["shape"])
+                count, offset = (end - begin) // dtype.itemsize, self.data_start + begin
+                tensors[name] = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(info["shape"])
         self.offsets = np.concatenate([[0], np.cumsum(tensors["lengths"], dtype=np.int64)])
         if self.offsets[-1] != self.record["rows"]:
-            raise CacheCorrupted(f"{self.path}: lengths sum to {self.offsets[-1]}, the manifest says {self.record['rows']} rows")
+            raise CacheCorrupted(f"{self.path}: lengths sum to {self.offsets[-1]}, "
+                                 f"the manifest says {self.record['rows']} rows")
         self.tensors = tensors
         return tensors
 
@@ -173,15 +177,13 @@ class CacheReader:
     def __init__(self, directory: str | Path, verify: bool = False) -> None:
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
-        try:
-            self.spec = CacheSpec.from_manifest(self.manifest)
-        except (TypeError, ValueError) as exc:
-            raise CacheCorrupted(f"{self.directory / 'manifest.json'}: invalid cache spec ({exc})") from exc
+        self.spec = CacheSpec.from_manifest(self.manifest)
         self._shards: dict[int, _Shard] = {}
         for record in self.manifest.get("shards", []):
             shard = _Shard(self.directory, record, self.spec, verify)
             if (shard.first, shard.count) != self.spec.shard_range(int(record["index"])):
-                raise CacheCorrupted(f"{shard.path}: rows {shard.first}+{shard.count} disagree with shard_size {self.spec.shard_size}")
+                raise CacheCorrupted(f"{shard.path}: rows {shard.first}+{shard.count} disagree with "
+                                     f"shard_size {self.spec.shard_size}")
             self._shards[int(record["index"])] = shard
 
     @property
@@ -241,7 +243,8 @@ class CacheReader:
         known = set(CacheSpec.__dataclass_fields__)
         unknown = set(expected) - known
         if unknown:
-            raise TypeError(f"check_compatible got unknown field(s) {sorted(unknown)}; expected some of {sorted(known)}")
+            raise TypeError(f"check_compatible got unknown field(s) {sorted(unknown)}; "
+                            f"expected some of {sorted(known)}")
         diffs = [f"cache was made for {name}={getattr(self.spec, name)!r}, this run asks for {name}={value!r}"
                  for name, value in expected.items() if getattr(self.spec, name) != value]
         if diffs:
