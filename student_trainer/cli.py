@@ -87,14 +87,22 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"retnet-distill train: {exc}", file=sys.stderr)
         return 2
+    from shared.cache_format import CacheError
+
     try:
         summary = train(config)
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, CacheError, FileNotFoundError) as exc:
         print(f"retnet-distill train: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({k: summary[k] for k in ("checkpoint", "steps", "skipped_steps")}))
     print(json.dumps({k: round(v, 4) for k, v in summary["metrics"].items() if k.startswith("eval/")}))
     return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from student_trainer.cache_cli import run_cache
+
+    return run_cache(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--overwrite", action="store_true", help="replace an existing shard set")
     prep.add_argument("--model-cache-dir", default=DEFAULT_CACHE_DIR, help="where GGUF tokenizers are converted once")
     prep.set_defaults(handler=_preprocess)
+
+    cache = commands.add_parser("cache", help="write a teacher cache (top-k targets) for a shard set")
+    cache.add_argument("--data", required=True, help="shard folder from `retnet-distill preprocess` (with --teacher-url: "
+                       "a name inside the server's TEACHER_DATA_ROOT)")
+    cache.add_argument("--output", required=True, help="cache folder; one sub-folder per split (with --teacher-url: a "
+                       "name inside the server's TEACHER_CACHE_ROOT)")
+    cache.add_argument("--teacher", default=EMBEDDED_ALIAS, help="teacher model for the in-process engine")
+    cache.add_argument("--teacher-url", default=None, help="drive a running teacher service's cache-writer route instead")
+    cache.add_argument("--api-key", default=None, help="API key for --teacher-url (default: $TEACHER_API_KEY)")
+    cache.add_argument("--k", type=int, default=64, help="top entries per position")
+    cache.add_argument("--temperature", type=float, default=1.0, help="teacher temperature (the student uses the same)")
+    cache.add_argument("--splits", nargs="+", default=None, help="splits to cache (default: every split of the data)")
+    cache.add_argument("--shard-size", type=int, default=256, help="sequences per cache shard")
+    cache.add_argument("--target-type", choices=["topk_fp16", "topk_q8"], default="topk_fp16", help="storage of the log-probs")
+    cache.add_argument("--q8-step", type=float, default=1 / 16, help="topk_q8: log-prob grid step in nats")
+    cache.add_argument("--device", default="auto", help="teacher device (in-process)")
+    cache.add_argument("--dtype", default="auto", help="teacher dtype (in-process)")
+    cache.add_argument("--model-cache-dir", default=DEFAULT_CACHE_DIR, help="where GGUF teachers are converted once")
+    cache.set_defaults(handler=_cache)
 
     trn = commands.add_parser("train", help="distil a RetNet student (config YAML + key=value overrides)")
     trn.add_argument("--config", help="a YAML file such as configs/train_cpu.yaml")

@@ -54,7 +54,8 @@ class TrainConfig:
     grad_accum_steps: int = 1
     data_dir: str = "data"  # where python-docs shards are built when train_data is python-docs
     # teacher
-    teacher_mode: Literal["direct"] = "direct"
+    teacher_mode: Literal["direct", "cached"] = "direct"
+    teacher_cache: str | None = None  # cached mode: a folder written by `retnet-distill cache`
     teacher_model: str = "smollm2-135m-instruct"
     teacher_device: str = "auto"
     teacher_dtype: str = "auto"

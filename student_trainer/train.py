@@ -29,7 +29,7 @@ from student_trainer.losses import LossConfig, LossOutput, distillation_loss
 from student_trainer.model import RetNetStudent, StudentConfig
 from student_trainer.optim import LRController, OptimConfig, build_optimizers, clip_grad_norm, configure_cuda_allocator
 from student_trainer.targets import TeacherTargets
-from student_trainer.teachers import DirectTeacher, TeacherSource
+from student_trainer.teachers import CachedTeacher, DirectTeacher, TeacherSource
 from student_trainer.telemetry import Telemetry, memory_metrics
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,15 @@ def seed_everything(seed: int) -> None:
 
 
 def build_teacher(config: TrainConfig) -> TeacherSource:
-    """The teacher-target source of ``teacher_mode`` (direct: the HF engine in this process)."""
+    """The teacher-target source of ``teacher_mode``: the HF engine in this process (direct), or a
+    cache on disk (cached; checked against the training data and this run's k and temperature)."""
+    if config.teacher_mode == "cached":
+        if not config.teacher_cache:
+            raise ValueError("teacher_mode=cached needs teacher_cache=FOLDER (written by `retnet-distill cache`)")
+        if config.train_data == "python-docs":
+            raise ValueError("teacher_mode=cached needs train_data to be the shard folder the cache was made from")
+        return CachedTeacher(config.teacher_cache, read_manifest(config.train_data), config.teacher_topk,
+                             config.temperature, teacher_model=config.teacher_model)
     return DirectTeacher.load(config.teacher_model, config.teacher_topk, config.temperature,
                               device=config.teacher_device, dtype=config.teacher_dtype, cache_dir=config.model_cache_dir)
 
@@ -273,7 +281,8 @@ class Evaluator:
         self.batches = []
         for _ in range(count):
             batch = Batch.from_rows([dataset[i] for i in order.take(config.batch_size)])
-            self.batches.append((batch, teacher.targets_for(batch.input_ids, batch.lengths, batch.indices)))
+            targets = teacher.targets_for(batch.input_ids, batch.lengths, batch.indices, split=dataset.split)
+            self.batches.append((batch, targets))
 
     @torch.no_grad()
     def run(self, model: RetNetStudent) -> dict[str, float]:

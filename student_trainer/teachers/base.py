@@ -12,8 +12,8 @@ from student_trainer.targets import TeacherTargets
 class TeacherSource(Protocol):
     """Gives teacher targets for a batch of token ids.
 
-    ``targets_for`` gets ``input_ids [B, L]`` (right-padded), ``lengths [B]`` (real tokens per row)
-    and ``indices [B]`` (dataset row ids, for sources that look targets up by row) and returns
+    ``targets_for`` gets ``input_ids [B, L]`` (right-padded), ``lengths [B]`` (real tokens per row),
+    ``indices [B]`` and ``split`` (dataset rows, for sources that look targets up by row) and returns
     :class:`TeacherTargets` ``[B, L, k]``, where row ``t`` is the teacher's distribution of the token
     after ``x_t``; rows beyond a sequence's length are padding (index 0, log-prob -inf).
     """
@@ -24,6 +24,7 @@ class TeacherSource(Protocol):
     k: int
     temperature: float
 
-    def targets_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, indices: torch.Tensor) -> TeacherTargets: ...
+    def targets_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, indices: torch.Tensor,
+                    split: str = "train") -> TeacherTargets: ...
 
     def close(self) -> None: ...

@@ -39,7 +39,8 @@ class DirectTeacher:
 
         return cls(HFEngine(model, device=device, dtype=dtype, cache_dir=cache_dir), k, temperature)
 
-    def targets_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, indices: torch.Tensor) -> TeacherTargets:
+    def targets_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, indices: torch.Tensor,
+                    split: str = "train") -> TeacherTargets:
         """``input_ids [B, L]``, ``lengths [B]`` -> targets ``[B, L, k]`` (padding rows: -inf)."""
         ids = input_ids.cpu().numpy()
         sequences = [ids[row, :n].astype(np.int64) for row, n in enumerate(lengths.tolist())]

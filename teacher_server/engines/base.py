@@ -33,6 +33,7 @@ class TopKEngine(Protocol):
     model_name: str
     vocab_size: int  # the tokenizer's length; ids >= vocab_size are never returned
     tokenizer_sha256: str
+    weights_fingerprint: str  # changes when the weights change (a finetuned teacher is another teacher)
     max_sequence_length: int | None
     device: str
 

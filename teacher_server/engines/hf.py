@@ -7,8 +7,10 @@ computes each request's top-k with its own k and temperature from the final hidd
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +40,26 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; found {dtype!r}")
     return _DTYPES[dtype]
+
+
+def weights_fingerprint(path: str, commit: str | None = None, sample_bytes: int = 1 << 20) -> str:
+    """A cheap identity of a model's weights: sha256 over each weight file's name, size and three
+    1 MB samples (start, middle, end). A finetuned copy of the same architecture differs in all of
+    them; hashing every byte of a multi-GB teacher at each start would cost seconds to minutes.
+    A hub id that is not a local folder is identified by its resolved commit."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return f"hub:{path}@{commit or 'unknown'}"
+    digest = hashlib.sha256()
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as fh:
+            for offset in (0, max(0, size // 2 - sample_bytes // 2), max(0, size - sample_bytes)):
+                fh.seek(offset)
+                digest.update(fh.read(sample_bytes))
+    return digest.hexdigest()
 
 
 class HFEngine:
@@ -78,6 +100,7 @@ class HFEngine:
         if head_rows < self.vocab_size:
             raise RuntimeError(f"LM head has {head_rows} rows but the tokenizer has {self.vocab_size} tokens")
         self.tokenizer_sha256 = tokenizer_sha256(self.tokenizer)
+        self.weights_fingerprint = weights_fingerprint(source.path, getattr(self.model.config, "_commit_hash", None))
         self.max_sequence_length = getattr(self.model.config, "max_position_embeddings", None)
         self.logit_softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self.micro_batch_tokens = micro_batch_tokens
