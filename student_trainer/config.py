@@ -56,6 +56,7 @@ class TrainConfig:
     # teacher
     teacher_mode: Literal["direct", "cached"] = "direct"
     teacher_cache: str | None = None  # cached mode: a folder written by `retnet-distill cache`
+    teacher_cache_verify: bool = True  # cached mode: check every shard's sha256 before training
     teacher_model: str = "smollm2-135m-instruct"
     teacher_device: str = "auto"
     teacher_dtype: str = "auto"

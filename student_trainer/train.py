@@ -61,7 +61,7 @@ def build_teacher(config: TrainConfig) -> TeacherSource:
         if config.train_data == "python-docs":
             raise ValueError("teacher_mode=cached needs train_data to be the shard folder the cache was made from")
         return CachedTeacher(config.teacher_cache, read_manifest(config.train_data), config.teacher_topk,
-                             config.temperature, teacher_model=config.teacher_model)
+                             config.temperature, teacher_model=config.teacher_model, verify=config.teacher_cache_verify)
     return DirectTeacher.load(config.teacher_model, config.teacher_topk, config.temperature,
                               device=config.teacher_device, dtype=config.teacher_dtype, cache_dir=config.model_cache_dir)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import RequestTooLarge, WireError
+from shared.errors import MalformedBody, RequestTooLarge, UnsupportedContentType, WireError
 from shared.wire import (
     PROTOCOL_VERSION,
     TopKResponse,
@@ -29,6 +30,7 @@ from shared.wire import (
     response_format,
 )
 from teacher_server.batching import DynamicBatcher
+from teacher_server.cache_jobs import CacheJobs
 from teacher_server.engines.base import EngineRequest, TopKEngine
 from teacher_server.errors import NotReady, Unauthorized, status_for
 from teacher_server.metrics import ServerMetrics
@@ -81,6 +83,7 @@ class _ServerState:
         self.engine: TopKEngine | None = None
         self.batcher: DynamicBatcher | None = None
         self.load_error: str | None = None
+        self.cache_jobs = CacheJobs(settings.data_root, settings.cache_root, settings.max_k)
 
     def ready_batcher(self) -> DynamicBatcher:
         if self.batcher is None:
@@ -234,6 +237,43 @@ def create_app(
                 }
             ],
         }
+
+    async def json_body(request: Request) -> object:
+        if format_from_content_type(request.headers.get("content-type")) != "json":
+            raise UnsupportedContentType("cache jobs take application/json")
+        try:
+            return json.loads(await read_body(request))
+        except ValueError as exc:
+            raise MalformedBody(f"body is not valid json: {exc}") from exc
+
+    @app.post("/v1/cache/jobs", status_code=202, summary="Start a cache-writer job (resumes an existing output)")
+    async def create_cache_job(request: Request) -> JSONResponse:
+        """Body: {dataset, output, split, k, temperature, shard_size, target_type, q8_step}; names are
+        resolved inside TEACHER_DATA_ROOT and TEACHER_CACHE_ROOT."""
+        check_key(request)
+        state.ready_batcher()  # 503 while the model loads
+        job = state.cache_jobs.create(await json_body(request), state.ready_batcher)
+        return JSONResponse(job, status_code=202)
+
+    @app.get("/v1/cache/jobs", summary="All cache jobs")
+    async def list_cache_jobs(request: Request) -> dict:
+        check_key(request)
+        return {"jobs": [state.cache_jobs.public(job) for job in state.cache_jobs.jobs.values()]}
+
+    @app.get("/v1/cache/jobs/{job_id}", summary="A cache job's state and progress")
+    async def get_cache_job(job_id: str, request: Request) -> dict:
+        check_key(request)
+        return state.cache_jobs.public(state.cache_jobs.get_job(job_id))
+
+    @app.delete("/v1/cache/jobs/{job_id}", summary="Cancel a cache job (the shards written stay valid)")
+    async def cancel_cache_job(job_id: str, request: Request) -> dict:
+        check_key(request)
+        return state.cache_jobs.cancel(job_id)
+
+    @app.post("/v1/cache/jobs/{job_id}/resume", status_code=202, summary="Continue an interrupted or cancelled job")
+    async def resume_cache_job(job_id: str, request: Request) -> JSONResponse:
+        check_key(request)
+        return JSONResponse(state.cache_jobs.resume(job_id, state.ready_batcher), status_code=202)
 
     @app.get("/health", summary="Liveness: the process answers")
     async def health() -> JSONResponse:

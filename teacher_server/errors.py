@@ -17,6 +17,10 @@ class NotReady(WireError):
     error_type = "not_ready"
 
 
+class NotFound(WireError):
+    error_type = "not_found"
+
+
 class EngineFailure(WireError):
     error_type = "engine_failure"
 
@@ -24,6 +28,7 @@ class EngineFailure(WireError):
 STATUS_BY_ERROR: dict[type[WireError], int] = {
     MalformedBody: 400,
     Unauthorized: 401,
+    NotFound: 404,
     RequestTooLarge: 413,
     UnsupportedContentType: 415,
     InvalidRequest: 422,

@@ -29,6 +29,8 @@ class TeacherSettings(BaseSettings):
     batch_max_wait_ms: float = Field(5.0, ge=0, description="how long the first request of a batch waits for company")
     micro_batch_tokens: int = Field(8192, ge=1, description="padded tokens per transformer pass inside a batch")
     max_queued_tokens: int = Field(262144, ge=1, description="more tokens waiting than this: 429")
+    data_root: str = Field("data", description="cache jobs: datasets are names inside this folder")
+    cache_root: str = Field("cache", description="cache jobs: outputs (and job state) go inside this folder")
     api_key: SecretStr | None = Field(None, description="if set, /v1/* needs 'Authorization: Bearer <key>'")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
