@@ -1,0 +1,160 @@
+"""Teacher cache: bytes/token per target type, write and read speed, cached vs direct training.
+
+Prints JSON lines. Run: .venv/bin/python benchmarks/bench_cache.py [--quick]
+
+1. bytes/token of each target type at k = 16, 64, 512, from real shards (a 49,152-token vocab gets
+   uint16 ids, the 128,256-token Llama-3 vocab int32 ids), vs the formula.
+2. write: tokens/s of the cache writer alone (synthetic targets) and of a real fill with the
+   embedded teacher (the teacher's forward dominates).
+3. read: bytes/s of `CacheReader.lookup` over every row in random order vs a raw read of the same
+   files (both from the page cache). Goal: >= 0.8x raw.
+4. training: steps/s of the same tiny run in cached and direct mode.
+5. fp16 vs q8 targets: two students trained from the same teacher scores stored as topk_fp16 and
+   as topk_q8 (196 vs 260 B/token at k=64), evaluated on the same fp16 held-out targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from shared.cache_format import CacheSpec, CacheWriter, bytes_per_token
+from shared.cache_reader import CacheReader
+from student_trainer.config import load_config
+from student_trainer.data.preprocess import PreprocessConfig, preprocess
+from student_trainer.teachers import DirectTeacher
+from student_trainer.train import train
+from teacher_server.engines.cache_fill import cache_spec, fill_cache
+from teacher_server.engines.hf import HFEngine
+
+
+def synthetic_cache(folder: Path, vocab: int, k: int, target_type: str, rows: int = 64, seq_len: int = 256) -> float:
+    """Write a cache of random sorted log-probs; returns the writer's tokens/s."""
+    rng = np.random.default_rng(0)
+    spec = CacheSpec(teacher_model="synthetic", teacher_fingerprint="x", tokenizer_sha256="0" * 64, vocab_size=vocab, k=k,
+                     temperature=1.0, target_type=target_type, dataset_path="synthetic", dataset_fingerprint="x",
+                     split="train", max_seq_length=seq_len, num_sequences=rows, shard_size=16,
+                     q8_step=1 / 16 if target_type == "topk_q8" else None)
+    started = time.perf_counter()
+    with CacheWriter(folder, spec) as writer:
+        for shard, first, count in writer.missing_shards():
+            n = count * seq_len
+            logprobs = -np.sort(rng.exponential(2.0, size=(n, k)), axis=1).astype(np.float32)
+            writer.write_shard(shard, rng.integers(0, vocab, (count, seq_len), dtype=np.int32),
+                               np.full(count, seq_len, np.int32), rng.integers(0, vocab, (n, k)), logprobs,
+                               np.full(n, -3.0, np.float32))
+    return rows * seq_len / (time.perf_counter() - started)
+
+
+def bench_bytes_and_write(workdir: Path) -> None:
+    for vocab in (49152, 128256):
+        for k in (16, 64, 512):
+            for target_type in ("topk_fp16", "topk_q8"):
+                folder = workdir / f"syn-{vocab}-{k}-{target_type}"
+                write_tps = synthetic_cache(folder, vocab, k, target_type)
+                shards = list(folder.glob("shard-*.safetensors"))
+                tokens = 64 * 256
+                # measured: shard bytes minus the stored input ids/lengths, per token
+                measured = (sum(p.stat().st_size for p in shards) - tokens * 4 - 64 * 4) / tokens
+                print(json.dumps({"bench": "cache_bytes", "vocab": vocab, "k": k, "target_type": target_type,
+                                  "bytes_per_token": bytes_per_token(target_type, k, vocab),
+                                  "measured_bytes_per_token": round(measured, 1), "writer_tokens_per_s": round(write_tps)}))
+                if k != 64 or vocab != 49152 or target_type != "topk_fp16":
+                    shutil.rmtree(folder)
+
+
+def bench_read(folder: Path) -> None:
+    files = sorted(folder.glob("shard-*.safetensors"))
+    total = sum(p.stat().st_size for p in files)
+    for p in files:  # warm the page cache for both readers
+        p.read_bytes()
+    raw = []
+    for _ in range(5):
+        started = time.perf_counter()
+        for p in files:
+            with open(p, "rb") as fh:
+                fh.read()
+        raw.append(total / (time.perf_counter() - started))
+    reader = CacheReader(folder)
+    rows = list(range(len(reader)))
+    random.Random(0).shuffle(rows)
+    ours = []
+    for _ in range(5):
+        started = time.perf_counter()
+        for i in rows:
+            reader.lookup(i)
+        ours.append(total / (time.perf_counter() - started))
+    print(json.dumps({"bench": "cache_read", "bytes": total, "raw_read_mb_s": round(np.median(raw) / 2**20),
+                      "cache_lookup_mb_s": round(np.median(ours) / 2**20), "ratio": round(np.median(ours) / np.median(raw), 2),
+                      "goal": ">= 0.8"}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rows and steps, to check the script")
+    args = parser.parse_args()
+    steps = 10 if args.quick else 150
+    print(json.dumps({"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}))
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        bench_bytes_and_write(workdir)
+        bench_read(workdir / "syn-49152-64-topk_fp16")
+
+        data = workdir / "docs"
+        preprocess(PreprocessConfig(inputs=["python-docs"], output=str(data), max_seq_length=128,
+                                    val_fraction=0.05, progress=False))
+        engine = HFEngine("smollm2-135m-instruct", device="cpu")
+        memo: dict[tuple, object] = {}
+
+        def score(request):  # the teacher scores each request once; both target types store the same fp32 scores
+            key = tuple(tuple(s.tolist()) for s in request.sequences)
+            if key not in memo:
+                memo[key] = engine.topk([request])[0]
+            return memo[key]
+
+        for target_type in ("topk_fp16", "topk_q8"):
+            for split in ("train", "val"):
+                spec = cache_spec(engine, data, split, 64, 1.0, 64, target_type, 1 / 16)
+                started = time.perf_counter()
+                done = fill_cache(score, spec, data, workdir / target_type / split)
+                if target_type == "topk_fp16" and split == "train":
+                    print(json.dumps({"bench": "cache_fill_embedded_teacher", "tokens": done.tokens_done,
+                                      "tokens_per_s": round(done.tokens_done / (time.perf_counter() - started), 1)}))
+        shutil.rmtree(workdir / "topk_q8" / "val")  # both students are evaluated on the same fp16 targets
+        shutil.copytree(workdir / "topk_fp16" / "val", workdir / "topk_q8" / "val")
+
+        base = {"model_variant": "tiny", "device": "cpu", "train_data": str(data), "max_seq_length": 128, "batch_size": 4,
+                "max_steps": steps, "warmup_steps": max(1, steps // 10), "log_every": 1, "eval_every": steps,
+                "eval_batches": 8, "save_every": steps, "wandb_mode": "disabled", "progress": False, "lr": 3e-3,
+                "weight_decay": 0.0, "saddle_detection": False, "teacher_topk": 64, "teacher_mode": "cached"}
+        for target_type in ("topk_fp16", "topk_q8"):
+            settings = {**base, "output_dir": str(workdir / f"run-{target_type}"), "teacher_cache": str(workdir / target_type)}
+            started = time.perf_counter()
+            summary = train(load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()]))
+            seconds = time.perf_counter() - started
+            print(json.dumps({"bench": "cached_training", "target_type": target_type, "steps": steps,
+                              "bytes_per_token": bytes_per_token(target_type, 64, 49152),
+                              "steps_per_s": round(steps / seconds, 2),
+                              "eval_kl": round(summary["metrics"]["eval/kl"], 4), "eval_ppl": round(summary["metrics"]["eval/ppl"], 1),
+                              "eval_top1": round(summary["metrics"]["eval/top1_agreement"], 4)}))
+        direct_steps = max(5, steps // 10)
+        settings = {**base, "teacher_mode": "direct", "max_steps": direct_steps, "eval_every": direct_steps,
+                    "save_every": direct_steps, "output_dir": str(workdir / "run-direct"), "eval_batches": 1}
+        started = time.perf_counter()
+        train(load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()]),
+              teacher=DirectTeacher(engine, 64, 1.0))
+        print(json.dumps({"bench": "direct_training", "steps": direct_steps,
+                          "steps_per_s": round(direct_steps / (time.perf_counter() - started), 2)}))
+
+
+if __name__ == "__main__":
+    main()
