@@ -24,7 +24,7 @@ from student_trainer.data.preprocess import PreprocessConfig, preprocess
 from student_trainer.data.sampler import ShardSampler
 from student_trainer.data.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, PretokenizedShardDataset, ShardWriter, atomic_write_bytes, collate_rows
 
-DOLLY = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly-15k-sample.jsonl"
+DOLLY = Path(os.environ.get("RETNET_DOLLY_SAMPLE", Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly-15k-sample.jsonl"))
 
 
 def rss_mb() -> float:

@@ -10,6 +10,21 @@ import torch
 from student_trainer.teacher_process import LocalTeacher
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_dolly_sample() -> Path | None:
+    """The real Dolly sample handed to this project (read in place, never copied into the repo):
+    ``$RETNET_DOLLY_SAMPLE``, else ``shared/data/`` next to the checkout or next to /work/main."""
+    import os
+
+    candidates = [os.environ.get("RETNET_DOLLY_SAMPLE"), REPO_ROOT.parent / "shared" / "data" / "dolly-15k-sample.jsonl",
+                  Path("/work/shared/data/dolly-15k-sample.jsonl")]
+    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
+
+
+DOLLY = find_dolly_sample()
+needs_dolly = pytest.mark.skipif(DOLLY is None, reason="the Dolly sample (../shared/data) is not on this machine; "
+                                 "set RETNET_DOLLY_SAMPLE to its path")
 TINY_VOCAB = 320  # tokenizer length
 TINY_HEAD_ROWS = TINY_VOCAB + 16  # LM-head rows beyond the tokenizer: padding that must never be returned
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from student_trainer.data.formats import Document, InvalidRecord, detect_format, to_document
 from student_trainer.data.render import DocumentTokenizer
+from tests.conftest import DOLLY, needs_dolly
 
-DOLLY = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly-15k-sample.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +81,7 @@ def test_assistant_mask_covers_exactly_the_assistant_turns(smollm2_tokenizer) ->
     assert "You are a helpful AI assistant named SmolLM" in context
 
 
+@needs_dolly
 def test_masks_on_real_dolly_data(smollm2_tokenizer) -> None:
     encoder = DocumentTokenizer(smollm2_tokenizer)
     with open(DOLLY) as fh:

@@ -12,7 +12,8 @@ from student_trainer.cli import main as cli_main
 from student_trainer.data.preprocess import PreprocessConfig, preprocess
 from student_trainer.data.readers import InputError
 from student_trainer.data.shards import PretokenizedShardDataset
-from tests.test_data_formats import DOLLY, RECORDS
+from tests.conftest import DOLLY, needs_dolly
+from tests.test_data_formats import RECORDS
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -152,6 +153,7 @@ def test_an_existing_shard_set_needs_overwrite(mixed_inputs, tmp_path, tiny_mode
     preprocess(config([mixed_inputs], tmp_path / "out", tiny_model_dir, overwrite=True))
 
 
+@needs_dolly
 def test_cli_on_real_dolly_data_with_the_embedded_tokenizer(tmp_path, capsys) -> None:
     out = tmp_path / "dolly"
     code = cli_main(["preprocess", "--input", str(DOLLY), "--output", str(out), "--max-seq-length", "256", "--val-fraction", "0.05"])
