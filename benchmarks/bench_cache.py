@@ -160,7 +160,7 @@ def main() -> None:
                               "eval_kl": round(summary["metrics"]["eval/kl"], 4), "eval_ppl": round(summary["metrics"]["eval/ppl"], 1),
                               "eval_top1": round(summary["metrics"]["eval/top1_agreement"], 4)}))
         direct_steps = max(5, steps // 10)
-        settings = {**base, "teacher_mode": "direct", "max_steps": direct_steps, "eval_every": direct_steps,
+        settings = {**base, "teacher_mode": "direct", "max_steps": direct_steps, "warmup_steps": 1, "eval_every": direct_steps,
                     "save_every": direct_steps, "output_dir": str(workdir / "run-direct"), "eval_batches": 1}
         started = time.perf_counter()
         train(load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()]),
