@@ -192,3 +192,38 @@ def test_a_cache_for_other_settings_is_refused(roots, reference_cache, tmp_path)
         CachedTeacher(reference_cache, {**manifest, "fingerprint": "other"}, k=16, temperature=1.0)
     with pytest.raises(CacheMismatch, match="tokenizer_sha256"):
         CachedTeacher(reference_cache, {**manifest, "tokenizer_sha256": "0" * 64}, k=16, temperature=1.0)
+
+
+def test_a_job_can_be_cancelled_and_resumed_and_its_state_persists(roots, tiny_engine) -> None:
+    import asyncio
+
+    from teacher_server.batching import DynamicBatcher
+    from teacher_server.cache_jobs import CacheJobs
+    from teacher_server.metrics import ServerMetrics
+
+    data_root, cache_root = roots
+
+    async def scenario() -> str:
+        batcher = DynamicBatcher(tiny_engine, ServerMetrics(), max_batch_tokens=4096, max_wait_s=0.001,
+                                 max_queued_tokens=10**6)
+        batcher.start()
+        jobs = CacheJobs(str(data_root), str(cache_root), max_k=32)
+        job = jobs.create({"dataset": "docs", "output": "cancel-me", "k": 4, "shard_size": 16}, lambda: batcher)
+        while shards_listed(cache_root / "cancel-me") < 2:
+            await asyncio.sleep(0.005)
+        assert jobs.cancel(job["id"])["state"] == "running"
+        while jobs.get_job(job["id"])["state"] == "running":
+            await asyncio.sleep(0.005)
+        assert jobs.get_job(job["id"])["state"] == "cancelled"
+        assert not json.loads((cache_root / "cancel-me" / "manifest.json").read_text())["complete"]
+        jobs.resume(job["id"], lambda: batcher)
+        while jobs.get_job(job["id"])["state"] in ("queued", "running"):
+            await asyncio.sleep(0.01)
+        await batcher.stop()
+        return job["id"]
+
+    job_id = asyncio.run(scenario())
+    restarted = CacheJobs(str(data_root), str(cache_root), max_k=32)  # a new server process reads the table
+    state = restarted.get_job(job_id)
+    assert state["state"] == "done" and state["shards_done"] == state["shards_total"] > 2
+    assert json.loads((cache_root / "cancel-me" / "manifest.json").read_text())["complete"]
