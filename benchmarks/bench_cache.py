@@ -10,8 +10,9 @@ Prints JSON lines. Run: .venv/bin/python benchmarks/bench_cache.py [--quick]
    of the same files, from the disk (page cache dropped, needs root) and from the page cache.
    Goal: >= 0.8x raw.
 4. training: steps/s of the same tiny run in cached and direct mode.
-5. fp16 vs q8 targets: two students trained from the same teacher scores stored as topk_fp16 and
-   as topk_q8 (196 vs 260 B/token at k=64), evaluated on the same fp16 held-out targets.
+5. smaller targets: students trained from the same teacher scores stored as topk_fp16 at k=64
+   (260 B/token) and as topk_q8 at k=64, 32 and 16 (196, 100, 52 B/token), all evaluated on the
+   same k=64 fp16 held-out targets (KL over the 65 buckets, perplexity, top-1 agreement).
 """
 
 from __future__ import annotations
@@ -24,16 +25,22 @@ import random
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from shared.cache_format import CacheSpec, CacheWriter, bytes_per_token
 from shared.cache_reader import CacheReader
 from student_trainer.config import load_config
 from student_trainer.data.preprocess import PreprocessConfig, preprocess
-from student_trainer.teachers import DirectTeacher
-from student_trainer.train import train
+from student_trainer.data.shards import PretokenizedShardDataset, read_manifest
+from student_trainer.model import RetNetStudent
+from student_trainer.teachers import CachedTeacher, DirectTeacher
+from student_trainer.train import Evaluator, loss_config, train
+from teacher_server.engines.base import EngineRequest
+from teacher_server.engines.topk_math import TopKRows
 from teacher_server.engines.cache_fill import cache_spec, fill_cache
 from teacher_server.engines.hf import HFEngine
 
@@ -113,56 +120,71 @@ def bench_read(workdir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer rows and steps, to check the script")
+    parser.add_argument("--quick", action="store_true", help="fewer steps, to check the script")
+    parser.add_argument("--targets-only", action="store_true", help="skip the bytes/write/read sections")
     args = parser.parse_args()
     steps = 10 if args.quick else 150
     print(json.dumps({"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        bench_bytes_and_write(workdir)
-        bench_read(workdir)
+        if not args.targets_only:
+            bench_bytes_and_write(workdir)
+            bench_read(workdir)
 
         data = workdir / "docs"
         preprocess(PreprocessConfig(inputs=["python-docs"], output=str(data), max_seq_length=128,
                                     val_fraction=0.05, progress=False))
         engine = HFEngine("smollm2-135m-instruct", device="cpu")
-        memo: dict[tuple, object] = {}
+        memo: dict[tuple, TopKRows] = {}
 
-        def score(request):  # the teacher scores each request once; both target types store the same fp32 scores
+        def score(request: EngineRequest) -> TopKRows:
+            """The teacher scores each request once at k=64; smaller k are cut from those scores
+            exactly (top-k of a sorted top-64, the dropped mass folded into the tail)."""
             key = tuple(tuple(s.tolist()) for s in request.sequences)
             if key not in memo:
-                memo[key] = engine.topk([request])[0]
-            return memo[key]
-
-        for target_type in ("topk_fp16", "topk_q8"):
-            for split in ("train", "val"):
-                spec = cache_spec(engine, data, split, 64, 1.0, 64, target_type, 1 / 16)
                 started = time.perf_counter()
-                done = fill_cache(score, spec, data, workdir / target_type / split)
-                if target_type == "topk_fp16" and split == "train":
-                    print(json.dumps({"bench": "cache_fill_embedded_teacher", "tokens": done.tokens_done,
-                                      "tokens_per_s": round(done.tokens_done / (time.perf_counter() - started), 1)}))
-        shutil.rmtree(workdir / "topk_q8" / "val")  # both students are evaluated on the same fp16 targets
-        shutil.copytree(workdir / "topk_fp16" / "val", workdir / "topk_q8" / "val")
+                memo[key] = engine.topk([EngineRequest(request.sequences, 64, request.temperature)])[0]
+                fill_seconds[0] += time.perf_counter() - started
+            rows, k = memo[key], request.k
+            tail = np.logaddexp.reduce(np.concatenate([rows.tail_logprob[:, None], rows.logprobs[:, k:]], axis=1), axis=1)
+            return TopKRows(rows.indices[:, :k], rows.logprobs[:, :k], tail.astype(np.float32))
+
+        fill_seconds = [0.0]
+        variants = [("topk_fp16", 64), ("topk_q8", 64), ("topk_q8", 32), ("topk_q8", 16)]
+        for target_type, k in variants:
+            for split in ("train", "val"):
+                spec = cache_spec(engine, data, split, k, 1.0, 64, target_type, 1 / 16)
+                fill_cache(score, spec, data, workdir / f"{target_type}-k{k}" / split)
+        tokens = sum(len(s) for key in memo for s in key)
+        print(json.dumps({"bench": "cache_fill_embedded_teacher", "tokens": tokens,
+                          "tokens_per_s": round(tokens / fill_seconds[0], 1)}))
 
         base = {"model_variant": "tiny", "device": "cpu", "train_data": str(data), "max_seq_length": 128, "batch_size": 4,
                 "max_steps": steps, "warmup_steps": max(1, steps // 10), "log_every": 1, "eval_every": steps,
                 "eval_batches": 8, "save_every": steps, "wandb_mode": "disabled", "progress": False, "lr": 3e-3,
-                "weight_decay": 0.0, "saddle_detection": False, "teacher_topk": 64, "teacher_mode": "cached"}
-        for target_type in ("topk_fp16", "topk_q8"):
-            settings = {**base, "output_dir": str(workdir / f"run-{target_type}"), "teacher_cache": str(workdir / target_type)}
+                "weight_decay": 0.0, "saddle_detection": False, "teacher_mode": "cached"}
+        # Every student is judged against the same k=64 fp16 held-out targets.
+        reference = CachedTeacher(workdir / "topk_fp16-k64", read_manifest(data), 64, 1.0)
+        judge = load_config(None, [f"{k}={json.dumps(v)}" for k, v in {**base, "teacher_topk": 64}.items()])
+        evaluator = Evaluator(PretokenizedShardDataset(data, "val"), reference, loss_config(judge), judge,
+                              torch.device("cpu"), nullcontext())
+        for target_type, k in variants:
+            name = f"{target_type}-k{k}"
+            settings = {**base, "output_dir": str(workdir / f"run-{name}"), "teacher_cache": str(workdir / name),
+                        "teacher_topk": k}
             started = time.perf_counter()
-            summary = train(load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()]))
+            summary = train(load_config(None, [f"{key}={json.dumps(v)}" for key, v in settings.items()]))
             seconds = time.perf_counter() - started
-            print(json.dumps({"bench": "cached_training", "target_type": target_type, "steps": steps,
-                              "bytes_per_token": bytes_per_token(target_type, 64, 49152),
-                              "steps_per_s": round(steps / seconds, 2),
-                              "eval_kl": round(summary["metrics"]["eval/kl"], 4), "eval_ppl": round(summary["metrics"]["eval/ppl"], 1),
-                              "eval_top1": round(summary["metrics"]["eval/top1_agreement"], 4)}))
+            held_out = evaluator.run(RetNetStudent.load(Path(summary["checkpoint"]) / "model"))
+            print(json.dumps({"bench": "cached_training", "target_type": target_type, "k": k, "steps": steps,
+                              "bytes_per_token": bytes_per_token(target_type, k, 49152),
+                              "steps_per_s": round(steps / seconds, 2), "eval_kl_vs_k64_fp16": round(held_out["eval/kl"], 4),
+                              "eval_ppl": round(held_out["eval/ppl"], 1), "eval_top1": round(held_out["eval/top1_agreement"], 4)}))
         direct_steps = max(5, steps // 10)
         settings = {**base, "teacher_mode": "direct", "max_steps": direct_steps, "warmup_steps": 1, "eval_every": direct_steps,
                     "save_every": direct_steps, "output_dir": str(workdir / "run-direct"), "eval_batches": 1}
         started = time.perf_counter()
+        settings["teacher_topk"] = 64
         train(load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()]),
               teacher=DirectTeacher(engine, 64, 1.0))
         print(json.dumps({"bench": "direct_training", "steps": direct_steps,
