@@ -10,8 +10,10 @@ Same model, same tokens, same k and temperature:
 3. direct again (the engine is freed while the server runs: small machines have few cores), so
    drift between the two direct runs is visible; the ratio uses their mean.
 
-Both runs use torch's default thread count. Every line of stdout is one JSON object. From the
-repository root:
+Both runs use torch's default thread count unless ``--threads`` is given. Each phase also reports
+``other_cpu_s_per_wall_s``: cores' worth of CPU that other processes used meanwhile (from /proc/stat);
+above ~0.1 the phase was disturbed (on a shared 2-core box a 2-thread torch pool then slows 2-5x).
+Every line of stdout is one JSON object. From the repository root:
 
     .venv/bin/python benchmarks/bench_server.py           # 16 requests x 2 x 256 tokens, k=64
     .venv/bin/python benchmarks/bench_server.py --quick   # 4 requests x 2 x 64 tokens
@@ -46,12 +48,14 @@ def emit(**fields) -> None:
 
 
 def run_direct(args, workload: list[list[np.ndarray]] | None, label: str):
-    """Load the engine, warm up, time every request in turn; returns (workload, per-request rows)."""
+    """Load the engine, warm up, time every request in turn; returns (workload, rows per request, tok/s)."""
     import torch
 
     from teacher_server.engines.base import EngineRequest
     from teacher_server.engines.hf import HFEngine
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     engine = HFEngine(args.model, device=args.device, cache_dir=args.cache_dir)
     load_s = time.perf_counter() - started
@@ -61,14 +65,15 @@ def run_direct(args, workload: list[list[np.ndarray]] | None, label: str):
                      for _ in range(args.sequences)] for _ in range(args.requests)]
     make = lambda seqs: [EngineRequest(seqs, args.k, args.temperature)]  # noqa: E731
     engine.topk(make(workload[0]))  # warm-up
-    rows, started = [], time.perf_counter()
+    rows, started, cpu, busy = [], time.perf_counter(), time.process_time(), machine_busy_s()
     for seqs in workload:
         rows.append(engine.topk(make(seqs))[0])
-    seconds = time.perf_counter() - started
+    seconds, cpu, busy = time.perf_counter() - started, time.process_time() - cpu, machine_busy_s() - busy
     tokens = sum(len(s) for seqs in workload for s in seqs)
     emit(run=label, model=engine.model_name, device=engine.device, dtype=str(engine.dtype),
          torch_threads=torch.get_num_threads(), load_s=round(load_s, 1), tokens=tokens,
-         seconds=round(seconds, 2), tok_s=round(tokens / seconds, 1))
+         seconds=round(seconds, 2), tok_s=round(tokens / seconds, 1),
+         cpu_s_per_wall_s=round(cpu / seconds, 2), other_cpu_s_per_wall_s=round(max(0.0, busy - cpu) / seconds, 2))
     del engine
     gc.collect()
     return workload, rows, tokens / seconds
@@ -78,6 +83,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def machine_busy_s() -> float:
+    """Busy CPU seconds of the whole machine (all cores) since boot, from /proc/stat."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc); a low CPU/wall ratio means contention."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> float:
@@ -94,8 +111,11 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> float:
     raise RuntimeError(f"server not ready after {timeout_s:.0f} s")
 
 
-async def run_clients(args, url: str, workload: list[list[np.ndarray]]):
-    """Warm up (one request per client), then send every request from ``args.clients`` clients."""
+async def run_clients(args, url: str, workload: list[list[np.ndarray]], server_pid: int):
+    """Warm up (one request per client), then send every request from ``args.clients`` clients.
+
+    Returns the decoded responses, wall seconds, and CPU seconds of (server, clients, other processes).
+    """
     responses: list = [None] * len(workload)
     headers = {"content-type": MSGPACK, "accept": MSGPACK}
 
@@ -117,12 +137,14 @@ async def run_clients(args, url: str, workload: list[list[np.ndarray]]):
         queue: asyncio.Queue = asyncio.Queue()
         for i in range(len(workload)):
             queue.put_nowait(i)
-        started = time.perf_counter()
+        started, busy = time.perf_counter(), machine_busy_s()
+        cpu, mine = cpu_seconds(server_pid), time.process_time()
         await asyncio.gather(*(client(http, queue) for http in clients))
-        seconds = time.perf_counter() - started
+        seconds, busy = time.perf_counter() - started, machine_busy_s() - busy
+        cpu, mine = cpu_seconds(server_pid) - cpu, time.process_time() - mine
     finally:
         await asyncio.gather(*(http.aclose() for http in clients))
-    return responses, seconds
+    return responses, seconds, (cpu, mine, max(0.0, busy - cpu - mine))
 
 
 def check(responses, direct_rows) -> dict:
@@ -144,15 +166,18 @@ def run_server(args, workload, direct_rows):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "TEACHER_MODEL_CACHE_DIR": args.cache_dir, "TEACHER_DEVICE": args.device}
+    if args.threads:  # torch reads OMP_NUM_THREADS for its intra-op pool
+        env["OMP_NUM_THREADS"] = str(args.threads)
     cmd = [sys.executable, "-m", "teacher_server", "--model", args.model, "--host", "127.0.0.1", "--port", str(port)]
     log = tempfile.NamedTemporaryFile("w+", prefix="bench_server_", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         ready_s = wait_ready(proc, url, args.ready_timeout)
-        responses, seconds = asyncio.run(run_clients(args, url, workload))
+        responses, seconds, cpu = asyncio.run(run_clients(args, url, workload, proc.pid))
         tokens = sum(len(s) for seqs in workload for s in seqs)
         emit(run="server", url=url, clients=args.clients, ready_s=round(ready_s, 1), tokens=tokens,
-             seconds=round(seconds, 2), tok_s=round(tokens / seconds, 1),
+             seconds=round(seconds, 2), tok_s=round(tokens / seconds, 1), server_cpu_s_per_wall_s=round(cpu[0] / seconds, 2),
+             client_cpu_s_per_wall_s=round(cpu[1] / seconds, 2), other_cpu_s_per_wall_s=round(cpu[2] / seconds, 2),
              mean_queue_ms=round(float(np.mean([r.timing["queue_ms"] for r in responses])), 1),
              mean_compute_ms=round(float(np.mean([r.timing["compute_ms"] for r in responses])), 1))
         result = check(responses, direct_rows)
@@ -185,6 +210,7 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for both runs (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ready-timeout", type=float, default=300.0)
     ap.add_argument("--quick", action="store_true", help="4 requests x 2 x 64 tokens")
@@ -192,7 +218,7 @@ def main() -> int:
     if args.quick:
         args.requests, args.tokens = 4, 64
     emit(bench="server", model=args.model, requests=args.requests, sequences=args.sequences,
-         tokens=args.tokens, k=args.k, temperature=args.temperature, clients=args.clients, seed=args.seed)
+         tokens=args.tokens, k=args.k, temperature=args.temperature, clients=args.clients, threads=args.threads or "default", seed=args.seed)
 
     workload, direct_rows, direct_1 = run_direct(args, None, "direct_1")
     server, ok = run_server(args, workload, direct_rows)

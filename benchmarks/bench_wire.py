@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import string
@@ -91,6 +92,12 @@ def vllm_decode(body: bytes, k: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, lps.reshape(n, k)
 
 
+def machine_busy_s() -> float:
+    """Busy CPU seconds of the whole machine since boot (Linux /proc/stat): to spot other load."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def timed(fn, reps: int) -> tuple[float, object]:
     """Median wall time in ms over ``reps`` calls, and the last result."""
     times, result = [], None
@@ -122,6 +129,7 @@ def main() -> int:
     emit(bench="wire", sequences=args.sequences, tokens=args.tokens, vocab=args.vocab, ks=args.k,
          reps=args.reps, vllm_reps=args.vllm_reps, python=platform.python_version(), numpy=np.__version__)
 
+    started, busy, mine = time.perf_counter(), machine_busy_s(), time.process_time()
     for k in args.k:
         indices, logprobs, tail = make_targets(rows, args.vocab, k, rng)
         response = TopKResponse(
@@ -171,6 +179,10 @@ def main() -> int:
         emit(goal="msgpack >= 10x fewer bytes and >= 50x faster encode+decode than vLLM-style JSON",
              k=k, bytes_ratio=round(bytes_ratio, 1), time_ratio=round(time_ratio, 1),
              bytes_met=bool(bytes_ratio >= 10), time_met=bool(time_ratio >= 50))
+    wall = time.perf_counter() - started
+    other = max(0.0, machine_busy_s() - busy - (time.process_time() - mine)) / wall
+    emit(done=True, wall_s=round(wall, 1), other_cpu_s_per_wall_s=round(other, 2),
+         note="other_cpu: cores' worth of CPU used by other processes meanwhile (this benchmark is single-threaded)")
     return 0
 
 

@@ -64,8 +64,12 @@ _TOPK_OPENAPI = {
 
 def build_engine(settings: TeacherSettings) -> TopKEngine:
     """The engine named by the settings (imported lazily: torch is slow to import)."""
+    import torch
+
     from teacher_server.engines.hf import HFEngine
 
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
     return HFEngine(
         settings.model,
         device=settings.device,

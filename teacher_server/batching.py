@@ -60,19 +60,21 @@ class DynamicBatcher:
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._worker: asyncio.Task | None = None
+        self._in_flight: list[_Pending] = []  # the batch in the engine now
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="dynamic-batcher")
 
     async def stop(self) -> None:
+        """Stop taking batches; requests still waiting (or cut off mid-pass) get 503."""
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-        while self._pending:
-            item = self._pending.popleft()
+        for item in [*self._in_flight, *self._pending]:
             if not item.future.done():
                 item.future.set_exception(NotReady("the server is shutting down; retry on another replica"))
-        self._executor.shutdown(wait=True)
+        self._pending.clear()
+        await asyncio.to_thread(self._executor.shutdown, wait=True)  # the running pass ends off the event loop
 
     async def submit(self, request: EngineRequest) -> tuple[TopKRows, BatchTiming]:
         """Queue ``request`` and wait for its rows. Raises :class:`Overloaded` when the queue is full."""
@@ -102,7 +104,7 @@ class DynamicBatcher:
                 await asyncio.wait_for(self._arrived.wait(), timeout=left)
             except TimeoutError:
                 break
-        batch, tokens = [self._pending.popleft()], 0
+        batch = [self._pending.popleft()]
         tokens = batch[0].request.num_tokens
         while self._pending and tokens + self._pending[0].request.num_tokens <= self.max_batch_tokens:
             batch.append(self._pending.popleft())
@@ -119,6 +121,7 @@ class DynamicBatcher:
             if not live:
                 continue
             started = time.perf_counter()
+            self._in_flight = live
             try:
                 results = await loop.run_in_executor(self._executor, self.engine.topk, [p.request for p in live])
             except Exception:
@@ -131,6 +134,7 @@ class DynamicBatcher:
                     continue
                 timing = BatchTiming(queue_ms=(started - item.enqueued) * 1e3, compute_ms=seconds * 1e3)
                 item.future.set_result((rows, timing))
+            self._in_flight = []
 
     async def _run_alone(self, loop: asyncio.AbstractEventLoop, item: _Pending) -> TopKRows | None:
         try:

@@ -17,6 +17,7 @@ class TeacherSettings(BaseSettings):
     engine: Literal["hf"] = Field("hf", description="inference engine")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    torch_threads: int = Field(0, ge=0, description="CPU threads of the engine (0: torch's default); 1 helps on busy shared hosts")
     model_cache_dir: str = Field("~/.cache/retnet-distill/models", description="where GGUF models are converted to safetensors once")
     trust_remote_code: bool = Field(False, description="let transformers run a model repo's own code")
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in containers)")
