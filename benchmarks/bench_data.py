@@ -22,7 +22,7 @@ import numpy as np
 
 from student_trainer.data.preprocess import PreprocessConfig, preprocess
 from student_trainer.data.sampler import ShardSampler
-from student_trainer.data.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, PretokenizedShardDataset, ShardWriter, atomic_write_bytes, collate_rows
+from student_trainer.data.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, PretokenizedShardDataset, ShardWriter, atomic_write, collate_rows
 
 DOLLY = Path(os.environ.get("RETNET_DOLLY_SAMPLE", Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly-15k-sample.jsonl"))
 
@@ -55,7 +55,7 @@ def bench_dataset(workdir: Path, rows: int, seq_len: int, batch_size: int, batch
     writer.flush()
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "fingerprint": "bench", "max_seq_length": seq_len,
                 "splits": {"train": {"rows": rows, "shards": writer.shards}}}
-    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest).encode())
+    atomic_write(folder / MANIFEST, json.dumps(manifest).encode())
     dataset = PretokenizedShardDataset(folder)
     sampler = ShardSampler(len(dataset), seed=0)
     before = rss_mb()

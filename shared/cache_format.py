@@ -50,6 +50,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save as safetensors_save
 
+from shared.files import atomic_write, fsync_path, is_temp_file, sha256_file  # noqa: F401  (re-exported)
+
 FORMAT_NAME = "retnet-distill-teacher-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -208,38 +210,6 @@ def dequantize_q8(codes: np.ndarray, step: float) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ file utils
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (the file's own fsync does not cover its name)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via ``.{name}.tmp-{pid}``, fsync, rename: readers see the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def is_temp_file(name: str) -> bool:
-    return name.startswith(".") and ".tmp-" in name
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

@@ -12,14 +12,15 @@ Numpy only (no torch): the teacher server's cache writer reads the same shards a
 from __future__ import annotations
 
 import bisect
-import hashlib
+import io
 import json
 import mmap
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from shared.files import atomic_write, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT_NAME = "retnet-distill-shards"
@@ -32,31 +33,10 @@ class ShardError(RuntimeError):
     """A shard set that is missing, truncated, corrupted or inconsistent with its manifest."""
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file, fsync and rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _save_npy(path: Path, array: np.ndarray) -> str:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array, allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    atomic_write(path, buffer.getvalue())
     return sha256_file(path)
 
 

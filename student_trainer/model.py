@@ -38,6 +38,7 @@ from torchscale.architecture.config import RetNetConfig
 from torchscale.architecture.retnet import DecoderLayer, RetNetDecoder, RetNetRelPos
 from torchscale.component.multiscale_retention import MultiScaleRetention
 
+from shared.files import fsync_path
 from student_trainer.model_config import PRESET_PARAM_COUNTS, PRESETS, StudentConfig, count_parameters
 
 __all__ = ["PRESETS", "PRESET_PARAM_COUNTS", "RecurrentState", "RetNetStudent", "StudentConfig",
@@ -335,13 +336,13 @@ class RetNetStudent(nn.Module):
                      if not (self.config.tie_embeddings and name == HEAD_KEY)}
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             for path in (tmp / "config.json", tmp / "model.safetensors", tmp):
-                _fsync(path)
+                fsync_path(path)
             old = None
             if directory.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
                 os.replace(directory, old / directory.name)
             os.replace(tmp, directory)
-            _fsync(directory.parent)
+            fsync_path(directory.parent)
             if old is not None:
                 shutil.rmtree(old)
         except BaseException:
@@ -415,10 +416,3 @@ def _check_range(ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"token ids must be in [0, {vocab_size}), found ids in [{low}, {high}]; "
                          "does the tokenizer match the student's vocab_size?")
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

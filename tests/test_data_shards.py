@@ -11,7 +11,7 @@ import pytest
 
 from student_trainer.data.sampler import ShardSampler
 from student_trainer.data.shards import (
-    FORMAT_NAME, FORMAT_VERSION, MANIFEST, PretokenizedShardDataset, ShardError, ShardWriter, atomic_write_bytes, collate_rows,
+    FORMAT_NAME, FORMAT_VERSION, MANIFEST, PretokenizedShardDataset, ShardError, ShardWriter, atomic_write, collate_rows,
 )
 
 
@@ -26,7 +26,7 @@ def write_shard_set(folder: Path, rows: int, seq_len: int, rows_per_shard: int, 
     writer.flush()
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "fingerprint": "test", "max_seq_length": seq_len,
                 "splits": {"train": {"rows": rows, "shards": writer.shards}}}
-    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest).encode())
+    atomic_write(folder / MANIFEST, json.dumps(manifest).encode())
     return tokens
 
 
@@ -123,7 +123,7 @@ def test_iterating_two_gigabytes_keeps_rss_flat(tmp_path) -> None:
         records.append({"rows": rows_per_shard, "files": files, "sha256": {}})
     manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "fingerprint": "big", "max_seq_length": seq_len,
                 "splits": {"train": {"rows": writer_rows, "shards": records}}}
-    atomic_write_bytes(tmp_path / MANIFEST, json.dumps(manifest).encode())
+    atomic_write(tmp_path / MANIFEST, json.dumps(manifest).encode())
     on_disk = sum(p.stat().st_size for p in tmp_path.glob("*.npy"))
     assert on_disk >= 2 * 1024**3
 

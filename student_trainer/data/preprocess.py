@@ -23,7 +23,7 @@ from student_trainer.data.formats import FORMATS, InvalidRecord, to_document
 from student_trainer.data.python_docs import CORPUS_NAME, write_python_docs
 from student_trainer.data.readers import InputError, file_fingerprint, list_input_files, read_records
 from student_trainer.data.render import DocumentTokenizer
-from student_trainer.data.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write_bytes
+from student_trainer.data.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write
 from student_trainer.tokenizer import DEFAULT_MODEL_CACHE_DIR, load_tokenizer
 
 
@@ -225,5 +225,5 @@ def preprocess(config: PreprocessConfig) -> dict[str, Any]:
         "splits": splits,
         "seconds": round(elapsed, 3),
     }
-    atomic_write_bytes(output / MANIFEST, json.dumps(manifest, indent=2).encode())
+    atomic_write(output / MANIFEST, json.dumps(manifest, indent=2).encode())
     return manifest

@@ -19,7 +19,7 @@ from shared.token_shards import (  # noqa: F401  (re-exported: the trainer's sin
     ShardError,
     ShardWriter,
     TokenShardReader,
-    atomic_write_bytes,
+    atomic_write,
     read_manifest,
     sha256_file,
 )

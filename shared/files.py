@@ -1,0 +1,40 @@
+"""Durable file writes and checksums shared by the token-shard and teacher-cache formats."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by path (a directory: makes a rename in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via ``.{name}.tmp-{pid}``, fsync, rename: readers see the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def is_temp_file(name: str) -> bool:
+    """A leftover of :func:`atomic_write` from a killed writer."""
+    return name.startswith(".") and ".tmp-" in name
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
