@@ -31,19 +31,12 @@ from student_trainer.optim import LRController, OptimConfig, build_optimizers, c
 from student_trainer.targets import TeacherTargets
 from student_trainer.teachers import CachedTeacher, DirectTeacher, TeacherSource
 from student_trainer.telemetry import Telemetry, memory_metrics
+from teacher_server.engines.hf import pick_device
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------- setup
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} but CUDA is not available; use device=cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -158,7 +151,7 @@ def student_loss(model: RetNetStudent, batch: Batch, targets: TeacherTargets, co
 def train(config: TrainConfig, teacher: TeacherSource | None = None) -> dict[str, Any]:
     """Run (or resume) a training run; returns a summary with the final metrics and checkpoint."""
     configure_cuda_allocator()
-    device = pick_device(config.device)
+    device = torch.device(pick_device(config.device))
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
     seed_everything(config.seed)
