@@ -79,11 +79,13 @@ def _train(args: argparse.Namespace) -> int:
 
     from student_trainer.config import ConfigError, load_config
     from student_trainer.health import TrainingDiverged
+    from student_trainer.teachers.network import TeacherMismatch, TeacherUnavailable
     from student_trainer.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = list(args.overrides) + ([f"teacher_url={args.teacher_url}"] if args.teacher_url else [])
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, overrides)
     except ConfigError as exc:
         print(f"retnet-distill train: {exc}", file=sys.stderr)
         return 2
@@ -91,7 +93,7 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         summary = train(config)
-    except (TrainingDiverged, CacheError, FileNotFoundError) as exc:
+    except (TrainingDiverged, CacheError, FileNotFoundError, TeacherUnavailable, TeacherMismatch) as exc:
         print(f"retnet-distill train: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({k: summary[k] for k in ("checkpoint", "steps", "skipped_steps")}))
@@ -168,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     trn = commands.add_parser("train", help="distil a RetNet student (config YAML + key=value overrides)")
     trn.add_argument("--config", help="a YAML file such as configs/train_cpu.yaml")
+    trn.add_argument("--teacher-url", default=None, help="network mode: teacher service URL(s), comma-separated "
+                     "(same as teacher_url=...)")
     trn.add_argument("overrides", nargs="*", help="key=value settings that override the YAML")
     trn.set_defaults(handler=_train)
     return parser

@@ -54,7 +54,9 @@ class TrainConfig:
     grad_accum_steps: int = 1
     data_dir: str = "data"  # where python-docs shards are built when train_data is python-docs
     # teacher
-    teacher_mode: Literal["direct", "cached"] = "direct"
+    teacher_mode: Literal["direct", "cached", "network"] = "direct"
+    teacher_url: str | None = None  # network mode: one URL, or several separated by commas
+    prefetch_depth: int = 2  # network mode: batches whose targets are requested ahead of the step
     teacher_cache: str | None = None  # cached mode: a folder written by `retnet-distill cache`
     teacher_cache_verify: bool = True  # cached mode: check every shard's sha256 before training
     teacher_model: str = "smollm2-135m-instruct"

@@ -8,9 +8,11 @@ distillation loss (LM head included), and accumulates gradients.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -30,6 +32,7 @@ from student_trainer.model import RetNetStudent, StudentConfig
 from student_trainer.optim import LRController, OptimConfig, build_optimizers, clip_grad_norm, configure_cuda_allocator
 from student_trainer.targets import TeacherTargets
 from student_trainer.teachers import CachedTeacher, DirectTeacher, TeacherSource
+from student_trainer.teachers.network import NetworkTeacher
 from student_trainer.telemetry import Telemetry, memory_metrics
 from teacher_server.engines.hf import pick_device
 
@@ -45,33 +48,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_teacher(config: TrainConfig) -> TeacherSource:
-    """The teacher-target source of ``teacher_mode``: the HF engine in this process (direct), or a
-    cache on disk (cached; checked against the training data and this run's k and temperature)."""
+def build_teacher(config: TrainConfig, data_manifest: dict[str, Any]) -> TeacherSource:
+    """The teacher-target source of ``teacher_mode``: the HF engine in this process (direct), a
+    cache on disk (cached) or teacher services over HTTP (network), each checked against the data."""
     if config.teacher_mode == "cached":
         if not config.teacher_cache:
             raise ValueError("teacher_mode=cached needs teacher_cache=FOLDER (written by `retnet-distill cache`)")
-        if config.train_data == "python-docs":
-            raise ValueError("teacher_mode=cached needs train_data to be the shard folder the cache was made from")
-        return CachedTeacher(config.teacher_cache, read_manifest(config.train_data), config.teacher_topk,
-                             config.temperature, teacher_model=config.teacher_model, verify=config.teacher_cache_verify)
+        return CachedTeacher(config.teacher_cache, data_manifest, config.teacher_topk, config.temperature,
+                             teacher_model=config.teacher_model, verify=config.teacher_cache_verify)
+    if config.teacher_mode == "network":
+        if not config.teacher_url:
+            raise ValueError("teacher_mode=network needs teacher_url=http://HOST:PORT (several: comma-separated)")
+        return NetworkTeacher([url.strip() for url in config.teacher_url.split(",")], config.teacher_topk,
+                              config.temperature, data_manifest["tokenizer_sha256"], data_manifest["vocab_size"],
+                              api_key=os.environ.get("TEACHER_API_KEY"))
     return DirectTeacher.load(config.teacher_model, config.teacher_topk, config.temperature,
                               device=config.teacher_device, dtype=config.teacher_dtype, cache_dir=config.model_cache_dir)
 
 
-def prepare_data(config: TrainConfig, teacher: TeacherSource) -> Path:
+def prepare_data(config: TrainConfig) -> Path:
     """The shard folder to train on; ``python-docs`` is built once with the teacher's tokenizer."""
-    if config.train_data == "python-docs" and not Path("python-docs").exists():
-        from student_trainer.data.preprocess import PreprocessConfig, preprocess
+    if config.train_data != "python-docs" or Path("python-docs").exists():
+        return Path(config.train_data)
+    from student_trainer.data.preprocess import PreprocessConfig, preprocess
 
-        folder = Path(config.data_dir) / f"python-docs-{teacher.tokenizer_sha256[:12]}-{config.max_seq_length}"
-        if not (folder / "manifest.json").is_file():
-            preprocess(PreprocessConfig(inputs=["python-docs"], output=str(folder), tokenizer=config.teacher_model,
-                                        max_seq_length=config.max_seq_length, val_fraction=0.05,
-                                        model_cache_dir=config.model_cache_dir, progress=config.progress))
-    else:
-        folder = Path(config.train_data)
-    manifest = read_manifest(folder)
+    slug = "".join(c if c.isalnum() else "-" for c in Path(config.teacher_model).name)
+    folder = Path(config.data_dir) / f"python-docs-{slug}-{config.max_seq_length}"
+    if not (folder / "manifest.json").is_file():
+        preprocess(PreprocessConfig(inputs=["python-docs"], output=str(folder), tokenizer=config.teacher_model,
+                                    max_seq_length=config.max_seq_length, val_fraction=0.05,
+                                    model_cache_dir=config.model_cache_dir, progress=config.progress))
+    return folder
+
+
+def check_data(config: TrainConfig, folder: Path, manifest: dict[str, Any], teacher: TeacherSource) -> None:
+    """The data must be tokenized by the teacher's tokenizer, in rows of ``max_seq_length``."""
     if manifest["tokenizer_sha256"] != teacher.tokenizer_sha256:
         raise ValueError(
             f"{folder} was tokenized with tokenizer {manifest['tokenizer']} (sha256 {manifest['tokenizer_sha256'][:12]}...) "
@@ -81,7 +92,6 @@ def prepare_data(config: TrainConfig, teacher: TeacherSource) -> Path:
     if manifest["max_seq_length"] != config.max_seq_length:
         raise ValueError(f"{folder} has rows of {manifest['max_seq_length']} tokens but max_seq_length="
                          f"{config.max_seq_length}; set max_seq_length={manifest['max_seq_length']}")
-    return folder
 
 
 def build_student(config: TrainConfig, vocab_size: int, device: torch.device) -> RetNetStudent:
@@ -137,6 +147,31 @@ class Batch:
         return cls(input_ids, batch["lengths"], batch["indices"], row_mask, labels)
 
 
+class UpcomingBatches:
+    """Micro-batches read ahead of the step, so a teacher with ``prefetch`` (network mode) fetches
+    their targets while the current step computes. Checkpoints record the sampler position of the
+    first batch not yet trained on, so a resumed run sees exactly the batches it had not trained on.
+    """
+
+    def __init__(self, dataset: PretokenizedShardDataset, sampler: ShardSampler, batch_size: int,
+                 teacher: TeacherSource, depth: int) -> None:
+        self.dataset, self.sampler, self.batch_size, self.teacher = dataset, sampler, batch_size, teacher
+        self.depth = depth if hasattr(teacher, "prefetch") else 0
+        self._queue: collections.deque[tuple[dict[str, Any], Batch]] = collections.deque()
+
+    def next(self) -> Batch:
+        while len(self._queue) < self.depth + 1:
+            state = self.sampler.state_dict()
+            batch = Batch.from_rows([self.dataset[i] for i in self.sampler.take(self.batch_size)])
+            if self.depth:
+                self.teacher.prefetch(batch.input_ids, batch.lengths, batch.indices)
+            self._queue.append((state, batch))
+        return self._queue.popleft()[1]
+
+    def sampler_state(self) -> dict[str, Any]:
+        return self._queue[0][0] if self._queue else self.sampler.state_dict()
+
+
 def student_loss(model: RetNetStudent, batch: Batch, targets: TeacherTargets, config: LossConfig,
                  device: torch.device, autocast: Any) -> LossOutput:
     with autocast:
@@ -160,10 +195,12 @@ def train(config: TrainConfig, teacher: TeacherSource | None = None) -> dict[str
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if device.type == "cuda" and config.precision in ("auto", "bf16") else nullcontext())
 
-    teacher = teacher or build_teacher(config)
-    data_dir = prepare_data(config, teacher)
+    data_dir = prepare_data(config)
+    manifest = read_manifest(data_dir)
+    teacher = teacher or build_teacher(config, manifest)
+    check_data(config, data_dir, manifest, teacher)
     train_set = PretokenizedShardDataset(data_dir, "train")
-    splits = read_manifest(data_dir)["splits"]
+    splits = manifest["splits"]
     val_set = PretokenizedShardDataset(data_dir, config.val_split) if config.val_split in splits else None
     sampler = ShardSampler(len(train_set), seed=config.seed)
 
@@ -193,9 +230,10 @@ def train(config: TrainConfig, teacher: TeacherSource | None = None) -> dict[str
                                "student_parameters": model.num_parameters(), "teacher": teacher.name,
                                "train_rows": len(train_set), "data": str(data_dir)})
     evaluator = Evaluator(val_set or train_set, teacher, losses, config, device, autocast)
+    upcoming = UpcomingBatches(train_set, sampler, config.batch_size, teacher, config.prefetch_depth)
 
     def trainer_state() -> dict[str, Any]:
-        return {"tokens_seen": tokens_seen, "sampler": sampler.state_dict(), "detector": detector.state_dict(),
+        return {"tokens_seen": tokens_seen, "sampler": upcoming.sampler_state(), "detector": detector.state_dict(),
                 "guard": guard.state_dict(), "lr": lr_control.state_dict(), "config": config_to_dict(config),
                 "teacher": {"name": teacher.name, "tokenizer_sha256": teacher.tokenizer_sha256, "k": teacher.k,
                             "temperature": teacher.temperature}}
@@ -209,7 +247,7 @@ def train(config: TrainConfig, teacher: TeacherSource | None = None) -> dict[str
             model.train()
             step_started, teacher_seconds, micro_metrics, step_tokens = time.perf_counter(), 0.0, [], 0
             for _ in range(config.grad_accum_steps):
-                batch = Batch.from_rows([train_set[i] for i in sampler.take(config.batch_size)])
+                batch = upcoming.next()
                 teacher_started = time.perf_counter()
                 targets = teacher.targets_for(batch.input_ids, batch.lengths, batch.indices)
                 teacher_seconds += time.perf_counter() - teacher_started
@@ -239,6 +277,7 @@ def train(config: TrainConfig, teacher: TeacherSource | None = None) -> dict[str
                             "train/step_seconds": seconds, "teacher/seconds": teacher_seconds,
                             "teacher/share": teacher_seconds / seconds, "train/tokens_seen": tokens_seen,
                             "train/lr_multiplier": detector.multiplier(step),
+                            **{f"teacher/{key}": value for key, value in getattr(teacher, "stats", {}).items()},
                             **{f"lr/{name}": value for name, value in lrs.items()}})
             telemetry.progress(done, metrics["train/total"], metrics["train/tokens_per_s"], metrics["teacher/share"])
             if done % config.log_every == 0 or done == config.max_steps:
@@ -254,6 +293,8 @@ def train(config: TrainConfig, teacher: TeacherSource | None = None) -> dict[str
                 break
     finally:
         telemetry.close()
+        if hasattr(teacher, "stats"):
+            log.info("teacher requests: %s", teacher.stats)
     done = min(config.max_steps, config.stop_at_step or config.max_steps)
     final = output_dir / "checkpoints" / f"step-{done:08d}"
     return {"output_dir": str(output_dir), "checkpoint": str(final), "steps": done, "metrics": last,
