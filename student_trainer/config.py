@@ -57,6 +57,10 @@ class TrainConfig:
     teacher_mode: Literal["direct", "cached", "network"] = "direct"
     teacher_url: str | None = None  # network mode: one URL, or several separated by commas
     prefetch_depth: int = 2  # network mode: batches whose targets are requested ahead of the step
+    teacher_fallback: list[str] = field(default_factory=list)  # network mode: e.g. [direct] or [cached]
+    teacher_retries: int = 4  # network mode: retries of a request (across replicas)
+    teacher_deadline_s: float = 300.0  # network mode without fallback: keep retrying this long, then checkpoint + stop
+    teacher_probe_s: float = 10.0  # network mode on a fallback: how often to check whether the service is back
     teacher_cache: str | None = None  # cached mode: a folder written by `retnet-distill cache`
     teacher_cache_verify: bool = True  # cached mode: check every shard's sha256 before training
     teacher_model: str = "smollm2-135m-instruct"
@@ -108,6 +112,10 @@ class TrainConfig:
         if self.warmup_steps >= self.max_steps:
             raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps}); "
                               "shorten the warmup or train longer")
+        unknown = set(self.teacher_fallback) - {"direct", "cached"}
+        if unknown or (self.teacher_fallback and self.teacher_mode != "network"):
+            raise ConfigError(f"teacher_fallback takes direct and/or cached after teacher_mode=network, found "
+                              f"{self.teacher_fallback} with teacher_mode={self.teacher_mode}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, found {self.lr}")
 

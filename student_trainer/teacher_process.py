@@ -29,18 +29,19 @@ class LocalTeacher:
         ready_timeout: seconds to wait for ``GET /ready`` (the first start converts the GGUF).
     """
 
-    def __init__(self, model: str, log_path: Path, env: dict[str, str] | None = None, ready_timeout: float = 300) -> None:
+    def __init__(self, model: str, log_path: Path, env: dict[str, str] | None = None, ready_timeout: float = 300,
+                 port: int | None = None) -> None:
         self.model = model
         self.log_path = log_path
         self.env = env or {}
         self.ready_timeout = ready_timeout
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "LocalTeacher":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "teacher_server", "--model", self.model, "--host", "127.0.0.1", "--port", str(self.port)],
             env={**os.environ, **self.env},

@@ -32,7 +32,8 @@ from student_trainer.model import RetNetStudent, StudentConfig
 from student_trainer.optim import LRController, OptimConfig, build_optimizers, clip_grad_norm, configure_cuda_allocator
 from student_trainer.targets import TeacherTargets
 from student_trainer.teachers import CachedTeacher, DirectTeacher, TeacherSource
-from student_trainer.teachers.network import NetworkTeacher
+from student_trainer.teachers.fallback import FallbackTeacher
+from student_trainer.teachers.network import NetworkTeacher, TeacherUnavailable
 from student_trainer.telemetry import Telemetry, memory_metrics
 from teacher_server.engines.hf import pick_device
 
@@ -48,9 +49,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_teacher(config: TrainConfig, data_manifest: dict[str, Any]) -> TeacherSource:
+def build_teacher(config: TrainConfig, data_manifest: dict[str, Any], on_switch=None) -> TeacherSource:
     """The teacher-target source of ``teacher_mode``: the HF engine in this process (direct), a
-    cache on disk (cached) or teacher services over HTTP (network), each checked against the data."""
+    cache on disk (cached) or teacher services over HTTP (network, optionally backed by a chain of
+    ``teacher_fallback`` sources), each checked against the data."""
+    if config.teacher_mode == "network" and config.teacher_fallback:
+        primary = build_teacher(dataclasses.replace(config, teacher_fallback=[]), data_manifest)
+        primary.deadline_s = 0.0  # with a fallback, give up after the retries and switch
+        fallbacks = [build_teacher(dataclasses.replace(config, teacher_mode=mode, teacher_fallback=[]), data_manifest)
+                     for mode in config.teacher_fallback]
+        return FallbackTeacher([primary, *fallbacks], probe_interval_s=config.teacher_probe_s, on_switch=on_switch)
     if config.teacher_mode == "cached":
         if not config.teacher_cache:
             raise ValueError("teacher_mode=cached needs teacher_cache=FOLDER (written by `retnet-distill cache`)")
@@ -61,7 +69,8 @@ def build_teacher(config: TrainConfig, data_manifest: dict[str, Any]) -> Teacher
             raise ValueError("teacher_mode=network needs teacher_url=http://HOST:PORT (several: comma-separated)")
         return NetworkTeacher([url.strip() for url in config.teacher_url.split(",")], config.teacher_topk,
                               config.temperature, data_manifest["tokenizer_sha256"], data_manifest["vocab_size"],
-                              api_key=os.environ.get("TEACHER_API_KEY"))
+                              api_key=os.environ.get("TEACHER_API_KEY"), retries=config.teacher_retries,
+                              deadline_s=config.teacher_deadline_s)
     return DirectTeacher.load(config.teacher_model, config.teacher_topk, config.temperature,
                               device=config.teacher_device, dtype=config.teacher_dtype, cache_dir=config.model_cache_dir)
 
@@ -197,7 +206,9 @@ def train(config: TrainConfig, teacher: TeacherSource | None = None) -> dict[str
 
     data_dir = prepare_data(config)
     manifest = read_manifest(data_dir)
-    teacher = teacher or build_teacher(config, manifest)
+    switches: list[dict[str, str]] = []  # teacher switches, logged as events by the loop
+    owns_teacher = teacher is None
+    teacher = teacher or build_teacher(config, manifest, lambda a, b, why: switches.append({"from": a, "to": b, "reason": why}))
     check_data(config, data_dir, manifest, teacher)
     train_set = PretokenizedShardDataset(data_dir, "train")
     splits = manifest["splits"]
@@ -232,8 +243,9 @@ def train(config: TrainConfig, teacher: TeacherSource | None = None) -> dict[str
     evaluator = Evaluator(val_set or train_set, teacher, losses, config, device, autocast)
     upcoming = UpcomingBatches(train_set, sampler, config.batch_size, teacher, config.prefetch_depth)
 
-    def trainer_state() -> dict[str, Any]:
-        return {"tokens_seen": tokens_seen, "sampler": upcoming.sampler_state(), "detector": detector.state_dict(),
+    def trainer_state(sampler_state: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"tokens_seen": tokens_seen, "sampler": sampler_state or upcoming.sampler_state(),
+                "detector": detector.state_dict(),
                 "guard": guard.state_dict(), "lr": lr_control.state_dict(), "config": config_to_dict(config),
                 "teacher": {"name": teacher.name, "tokenizer_sha256": teacher.tokenizer_sha256, "k": teacher.k,
                             "temperature": teacher.temperature}}
@@ -246,15 +258,27 @@ def train(config: TrainConfig, teacher: TeacherSource | None = None) -> dict[str
         for step in range(start_step, config.max_steps):
             model.train()
             step_started, teacher_seconds, micro_metrics, step_tokens = time.perf_counter(), 0.0, [], 0
+            step_start_state, step_rows = upcoming.sampler_state(), []
             for _ in range(config.grad_accum_steps):
                 batch = upcoming.next()
                 teacher_started = time.perf_counter()
-                targets = teacher.targets_for(batch.input_ids, batch.lengths, batch.indices)
+                try:
+                    targets = teacher.targets_for(batch.input_ids, batch.lengths, batch.indices)
+                except TeacherUnavailable as exc:
+                    # No fallback left: keep what is done (this step starts again on resume) and stop.
+                    path = save_checkpoint(output_dir, step, model, optimizers, trainer_state(step_start_state),
+                                           config.keep_last)
+                    telemetry.event(step, "teacher_unavailable", {"error": str(exc)[:500], "checkpoint": str(path)})
+                    raise TeacherUnavailable(f"{exc}. Saved {path}; start the same command again when the "
+                                             "teacher is back (resume=auto), or configure teacher_fallback") from exc
                 teacher_seconds += time.perf_counter() - teacher_started
+                step_rows.extend(batch.indices.tolist())
                 out = student_loss(model, batch, targets, losses, device, autocast)
                 (out.loss / config.grad_accum_steps).backward()
                 micro_metrics.append(out.metrics("train/"))
                 step_tokens += int(batch.lengths.sum())
+            while switches:
+                telemetry.event(step, "teacher_switch", switches.pop(0))
             grad_norm = clip_grad_norm(model.parameters(), config.grad_clip)
             metrics = {key: float(np.mean([m[key] for m in micro_metrics])) for key in micro_metrics[0]}
             if guard.should_skip(metrics["train/total"], grad_norm, step):
@@ -273,7 +297,7 @@ def train(config: TrainConfig, teacher: TeacherSource | None = None) -> dict[str
 
             done = step + 1
             seconds = time.perf_counter() - step_started
-            metrics.update({"train/grad_norm": grad_norm, "train/tokens_per_s": step_tokens / seconds,
+            metrics.update({"data/rows": step_rows, "train/grad_norm": grad_norm, "train/tokens_per_s": step_tokens / seconds,
                             "train/step_seconds": seconds, "teacher/seconds": teacher_seconds,
                             "teacher/share": teacher_seconds / seconds, "train/tokens_seen": tokens_seen,
                             "train/lr_multiplier": detector.multiplier(step),
@@ -295,6 +319,8 @@ def train(config: TrainConfig, teacher: TeacherSource | None = None) -> dict[str
         telemetry.close()
         if hasattr(teacher, "stats"):
             log.info("teacher requests: %s", teacher.stats)
+        if owns_teacher:
+            teacher.close()
     done = min(config.max_steps, config.stop_at_step or config.max_steps)
     final = output_dir / "checkpoints" / f"step-{done:08d}"
     return {"output_dir": str(output_dir), "checkpoint": str(final), "steps": done, "metrics": last,

@@ -104,9 +104,9 @@ def tiny_engine(tiny_model_dir: Path):
     return HFEngine(str(tiny_model_dir), device="cpu", dtype="float32")
 
 
-def start_server(model: str, log_dir: Path, env: dict[str, str] | None = None) -> LocalTeacher:
-    """``python -m teacher_server`` in its own process on a free loopback port, ready to serve."""
-    return LocalTeacher(model, log_dir / "teacher.log", env=env, ready_timeout=120).__enter__()
+def start_server(model: str, log_dir: Path, env: dict[str, str] | None = None, port: int | None = None) -> LocalTeacher:
+    """``python -m teacher_server`` in its own process on a loopback port (a free one by default), ready."""
+    return LocalTeacher(model, log_dir / "teacher.log", env=env, ready_timeout=120, port=port).__enter__()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
+from student_trainer.data.sampler import ShardSampler
 from student_trainer.data.shards import PretokenizedShardDataset, read_manifest
 from student_trainer.teachers import DirectTeacher
 from student_trainer.teachers.network import NetworkTeacher, TeacherMismatch, TeacherUnavailable
@@ -78,3 +82,78 @@ def test_an_unreachable_teacher_is_reported(roots) -> None:  # noqa: F811
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(TeacherUnavailable, match="did not answer GET /v1/models"):
         NetworkTeacher([url], 16, 1.0, manifest["tokenizer_sha256"], manifest["vocab_size"])
+
+
+def metric_lines(output_dir) -> list[dict]:
+    path = output_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def last_step(output_dir) -> int:
+    return max((line["step"] for line in metric_lines(output_dir) if "data/rows" in line), default=0)
+
+
+def wait_until(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_kill_9_mid_training_falls_back_and_returns_without_losing_a_step(roots, tiny_model_dir, tmp_path) -> None:  # noqa: F811
+    port = free_port()
+    teacher = start_server(str(tiny_model_dir), tmp_path / "teacher", port=port)
+    output = tmp_path / "run"
+    events: list[str] = []
+
+    def chaos() -> None:
+        nonlocal teacher
+        wait_until(lambda: last_step(output) >= 5)
+        teacher.proc.send_signal(signal.SIGKILL)  # the service dies mid-training
+        teacher.proc.wait()
+        events.append(f"killed at step {last_step(output)}")
+        teacher.stop()
+        teacher = start_server(str(tiny_model_dir), tmp_path / "teacher", port=port)  # and comes back
+        events.append(f"restarted at step {last_step(output)}")
+
+    worker = threading.Thread(target=chaos)
+    worker.start()
+    config = tiny_config(output, roots[0] / "docs", max_steps=400, eval_every=400, save_every=400, teacher_mode="network",
+                         teacher_url=f"http://127.0.0.1:{port}", teacher_fallback=["direct"], teacher_model=str(tiny_model_dir),
+                         teacher_retries=1, teacher_probe_s=0.2, prefetch_depth=2)
+    try:
+        train(config)
+    finally:
+        worker.join()
+        teacher.stop()
+    lines = metric_lines(output)
+    switches = [line for line in lines if line.get("event") == "teacher_switch"]
+    assert [s["to"].split(":")[0] for s in switches[:2]] == ["direct", "network"], (events, switches)
+    # every step trained exactly the rows an uninterrupted run trains, once, in order
+    trained = [line["data/rows"] for line in sorted((l for l in lines if "data/rows" in l), key=lambda l: l["step"])]
+    sampler = ShardSampler(len(PretokenizedShardDataset(roots[0] / "docs", "train")), seed=0)
+    assert trained == [sampler.take(4) for _ in range(400)]
+    after_return = [l for l in lines if "data/rows" in l and l["step"] > switches[1]["step"]]
+    assert after_return and after_return[-1]["teacher/active_source"] == 0
+
+
+def test_without_a_fallback_the_run_checkpoints_and_stops_after_the_deadline(roots, tiny_model_dir, tmp_path) -> None:  # noqa: F811
+    teacher = start_server(str(tiny_model_dir), tmp_path / "teacher")
+    output = tmp_path / "run"
+    killer = threading.Thread(target=lambda: (wait_until(lambda: last_step(output) >= 3),
+                                              teacher.proc.send_signal(signal.SIGKILL)))
+    killer.start()
+    config = tiny_config(output, roots[0] / "docs", max_steps=100000, warmup_steps=2, eval_every=100000,
+                         save_every=100000, teacher_mode="network", teacher_url=teacher.url, teacher_retries=1,
+                         teacher_deadline_s=1.5)
+    try:
+        with pytest.raises(TeacherUnavailable, match="Saved .*step-.*start the same command again"):
+            train(config)
+    finally:
+        killer.join()
+        teacher.stop()
+    checkpoints = sorted((output / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1
+    state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
+    assert state["step"] >= 3 and state["sampler"]["position"] == 4 * state["step"]
+    assert any(line.get("event") == "teacher_unavailable" for line in metric_lines(output))

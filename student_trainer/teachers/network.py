@@ -45,16 +45,20 @@ class NetworkTeacher:
         api_key: sent as ``Authorization: Bearer``.
         connect_timeout, read_timeout: seconds.
         retries: attempts per request beyond the first (across URLs).
-        backoff: base seconds of the exponential backoff (``backoff * 2**attempt``, plus jitter).
+        backoff: base seconds of the exponential backoff (``backoff * 2**attempt``, capped at 10 s,
+            plus jitter).
+        deadline_s: keep retrying a request for at least this long (with no fallback teacher,
+            a run rides out a teacher restart this way); 0: ``retries`` alone decide.
     """
 
     def __init__(self, urls: list[str], k: int, temperature: float, tokenizer_sha256: str, vocab_size: int,
                  api_key: str | None = None, connect_timeout: float = 5.0, read_timeout: float = 300.0,
-                 retries: int = 4, backoff: float = 0.5) -> None:
+                 retries: int = 4, backoff: float = 0.5, deadline_s: float = 0.0) -> None:
         if not urls:
             raise ValueError("teacher_url is empty: give at least one teacher service URL")
         self.urls = [url.rstrip("/") for url in urls]
         self.k, self.temperature, self.retries, self.backoff = k, temperature, retries, backoff
+        self.deadline_s = deadline_s
         self.headers = {"Content-Type": MSGPACK, "Accept": MSGPACK}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
@@ -98,7 +102,8 @@ class NetworkTeacher:
 
     async def _request(self, body: bytes) -> bytes:
         errors: list[str] = []
-        for attempt in range(self.retries + 1):
+        first_try = time.monotonic()
+        for attempt in itertools.count():
             now = time.monotonic()
             candidates = [next(self._next_url) for _ in self.urls]
             index = next((i for i in candidates if self._down_until[i] <= now), candidates[0])
@@ -116,11 +121,24 @@ class NetworkTeacher:
                 errors.append(f"{url}: HTTP {reply.status_code}")
             except httpx.TransportError as exc:
                 errors.append(f"{url}: {type(exc).__name__}: {exc}")
-            self._down_until[index] = time.monotonic() + self.backoff * 2**attempt
-            if attempt < self.retries:
-                self.stats["retries"] += 1
-                await asyncio.sleep(self.backoff * 2**attempt * (1 + random.random()))
-        raise TeacherUnavailable(f"no teacher answered after {self.retries + 1} attempts: " + "; ".join(errors[-4:]))
+            wait = min(10.0, self.backoff * 2**attempt)
+            self._down_until[index] = time.monotonic() + wait
+            if attempt >= self.retries and time.monotonic() - first_try >= self.deadline_s:
+                raise TeacherUnavailable(f"no teacher answered after {attempt + 1} attempts in "
+                                         f"{time.monotonic() - first_try:.1f}s: " + "; ".join(errors[-4:]))
+            self.stats["retries"] += 1
+            await asyncio.sleep(wait * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        """True when some replica answers ``GET /ready`` (used to return to this teacher after a fallback)."""
+        for url in self.urls:
+            try:
+                if httpx.get(f"{url}/ready", timeout=timeout).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                continue
+        return False
 
     # ----------------------------------------------------------------------------- interface
 
@@ -146,6 +164,12 @@ class NetworkTeacher:
                                      f"{lengths.tolist()} / {self.k}")
         return TeacherTargets.from_rows(np.array(reply.indices), np.array(reply.logprobs), np.array(reply.tail_logprob),
                                         reply.lengths, seq_len=input_ids.shape[1], temperature=self.temperature)
+
+    def drop_prefetched(self) -> None:
+        """Forget requests in flight (after a failure, their batches are served by a fallback)."""
+        for future in self._prefetched.values():
+            future.cancel()
+        self._prefetched.clear()
 
     def close(self) -> None:
         for future in self._prefetched.values():
