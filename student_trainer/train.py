@@ -36,6 +36,7 @@ from student_trainer.teachers.fallback import FallbackTeacher
 from student_trainer.teachers.network import NetworkTeacher, TeacherUnavailable
 from student_trainer.telemetry import Telemetry, memory_metrics
 from teacher_server.engines.hf import pick_device
+from teacher_server.engines.model_source import model_name
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def build_teacher(config: TrainConfig, data_manifest: dict[str, Any], on_switch=
         if not config.teacher_cache:
             raise ValueError("teacher_mode=cached needs teacher_cache=FOLDER (written by `retnet-distill cache`)")
         return CachedTeacher(config.teacher_cache, data_manifest, config.teacher_topk, config.temperature,
-                             teacher_model=config.teacher_model, verify=config.teacher_cache_verify)
+                             teacher_model=model_name(config.teacher_model), verify=config.teacher_cache_verify)
     if config.teacher_mode == "network":
         if not config.teacher_url:
             raise ValueError("teacher_mode=network needs teacher_url=http://HOST:PORT (several: comma-separated)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import threading
@@ -157,3 +158,58 @@ def test_without_a_fallback_the_run_checkpoints_and_stops_after_the_deadline(roo
     state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
     assert state["step"] >= 3 and state["sampler"]["position"] == 4 * state["step"]
     assert any(line.get("event") == "teacher_unavailable" for line in metric_lines(output))
+
+
+class DelayingProxy:
+    """A loopback TCP proxy that holds every response back by ``delay`` seconds: a slow teacher
+    (a far-away or overloaded service) without touching the server."""
+
+    def __init__(self, upstream_port: int, delay: float) -> None:
+        self.upstream_port, self.delay, self.port = upstream_port, delay, free_port()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port))
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _handle(self, client_reader, client_writer) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pipe(reader, writer, delay: float) -> None:
+            try:
+                while data := await reader.read(65536):
+                    if delay:
+                        await asyncio.sleep(delay)
+                    writer.write(data)
+                    await writer.drain()
+            finally:
+                writer.close()
+
+        await asyncio.gather(pipe(client_reader, upstream_writer, 0.0), pipe(upstream_reader, client_writer, self.delay),
+                             return_exceptions=True)
+
+    def close(self) -> None:
+        # Stop accepting; open pipes end with their connections (the loop lives on in its daemon thread).
+        self._loop.call_soon_threadsafe(self._server.close)
+
+
+def test_prefetch_hides_a_slow_teacher_up_to_its_depth(server, roots, tmp_path, monkeypatch) -> None:  # noqa: F811
+    monkeypatch.setenv("TEACHER_API_KEY", "key")
+    proxy = DelayingProxy(server.port, delay=0.25)
+    try:
+        waits = {}
+        for depth in (0, 4):
+            output = tmp_path / f"depth-{depth}"
+            train(tiny_config(output, roots[0] / "docs", max_steps=16, eval_every=16, save_every=16,
+                              teacher_mode="network", teacher_url=f"http://127.0.0.1:{proxy.port}", prefetch_depth=depth))
+            steps = [line for line in metric_lines(output) if "teacher/seconds" in line][4:]  # after the queue fills
+            waits[depth] = sum(line["teacher/seconds"] for line in steps) / len(steps)
+    finally:
+        proxy.close()
+    assert waits[0] >= 0.25  # every step waits for the full delay
+    assert waits[4] < 0.5 * waits[0], waits  # with 4 requests in flight most of the delay is hidden

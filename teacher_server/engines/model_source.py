@@ -103,6 +103,17 @@ def _converted_dir(gguf_path: Path, cache_dir: Path, name: str) -> Path:
     return cache_dir / f"{name}-{_file_sha256(gguf_path)[:16]}"
 
 
+def model_name(name: str) -> str:
+    """The name a model is served and cached under, without loading it: the alias, a GGUF file's
+    stem, a local folder's name, or the hub id."""
+    if name == EMBEDDED_ALIAS:
+        return name
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        return path.stem
+    return path.name if path.is_dir() else name
+
+
 def resolve_model(name: str, cache_dir: str | Path) -> ModelSource:
     """Resolve ``name`` to a directory or hub id that ``from_pretrained`` can load.
 
