@@ -17,9 +17,8 @@ from rich.table import Table
 
 from shared.wire import MSGPACK, decode_topk_response, encode_topk_request
 from student_trainer.teacher_process import LocalTeacher
+from student_trainer.tokenizer import DEFAULT_MODEL_CACHE_DIR as DEFAULT_CACHE_DIR
 from teacher_server.engines.model_source import EMBEDDED_ALIAS, resolve_model
-
-DEFAULT_CACHE_DIR = "~/.cache/retnet-distill/models"
 
 
 def run_main_job(

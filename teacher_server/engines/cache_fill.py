@@ -75,10 +75,10 @@ def fill_cache(
         shared.cache_format.CacheMismatch: ``output`` holds a cache with another identity.
         FillCancelled: ``cancel`` was set (between requests).
     """
-    if spec.tokenizer_sha256 != TokenShardReader(data_dir, spec.split).manifest["tokenizer_sha256"]:
+    reader = TokenShardReader(data_dir, spec.split)
+    if spec.tokenizer_sha256 != reader.manifest["tokenizer_sha256"]:
         raise ValueError(f"{data_dir} was tokenized with another tokenizer than the teacher's; preprocess it "
                          "with the teacher's tokenizer first")
-    reader = TokenShardReader(data_dir, spec.split)
     started = time.perf_counter()
     with CacheWriter(output, spec) as writer:
         missing = writer.missing_shards()
