@@ -32,6 +32,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_wire.py
 	$(BIN)/python benchmarks/bench_server.py
 	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_cache.py
+	$(BIN)/python benchmarks/bench_modes.py
 
 clean:
 	rm -rf $(VENV) *.egg-info runs
