@@ -46,6 +46,14 @@ def run(mode: str, workdir: Path, data: Path, model: str, steps: int, extra: dic
             "teacher_share": round(statistics.median(line["teacher/share"] for line in timed), 3)}
 
 
+def write_cache(model: str, data: Path, output: Path) -> None:
+    """A k=32 cache of both splits; the engine is freed on return, before the timed runs."""
+    engine = HFEngine(model, device="cpu")
+    for split in ("train", "val"):
+        fill_cache(lambda request: engine.topk([request])[0], cache_spec(engine, data, split, 32, 1.0, 256), data,
+                   output / split)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
@@ -63,11 +71,7 @@ def main() -> None:
         data = workdir / "docs"
         preprocess(PreprocessConfig(inputs=["python-docs"], output=str(data), tokenizer=model, max_seq_length=64,
                                     val_fraction=0.05, progress=False))
-        engine = HFEngine(model, device="cpu")
-        for split in ("train", "val"):
-            fill_cache(lambda r: engine.topk([r])[0], cache_spec(engine, data, split, 32, 1.0, 256), data,
-                       workdir / "cache" / split)
-        del engine
+        write_cache(model, data, workdir / "cache")
         results = {"direct": run("direct", workdir, data, model, args.steps, {}),
                    "cached": run("cached", workdir, data, model, args.steps, {"teacher_cache": str(workdir / "cache")})}
         with LocalTeacher(model, workdir / "teacher.log", env={"TEACHER_TORCH_THREADS": "1"}) as teacher:

@@ -79,7 +79,7 @@ def run(name: str, workdir: Path, teacher, steps: int, overrides: dict) -> dict:
                 "saddle_detection": False, "teacher_topk": 64, **overrides}
     config = load_config(None, [f"{k}={json.dumps(v)}" for k, v in settings.items()])
     started = time.perf_counter()
-    summary = train(config, teacher=teacher)
+    train(config, teacher=teacher)
     seconds = time.perf_counter() - started
     lines = metrics_lines(workdir / name)
     first_eval = next(line for line in lines if "eval/kl" in line)

@@ -117,3 +117,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def roots(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """A data root holding `docs` (python-docs with the tiny tokenizer, 32 tokens a row) and a cache root."""
+    data_root, cache_root = tmp_path_factory.mktemp("data-root"), tmp_path_factory.mktemp("cache-root")
+    from student_trainer.data.preprocess import PreprocessConfig, preprocess
+
+    preprocess(PreprocessConfig(inputs=["python-docs"], output=str(data_root / "docs"), tokenizer=str(tiny_model_dir),
+                                max_seq_length=32, val_fraction=0.05, rows_per_shard=512, progress=False,
+                                corpus_dir=str(tmp_path_factory.mktemp("corpora"))))
+    return data_root, cache_root

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -12,12 +11,10 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import torch
 
 from shared.cache_format import CacheCorrupted, CacheMismatch
-from student_trainer.data.preprocess import PreprocessConfig, preprocess
 from student_trainer.data.shards import PretokenizedShardDataset, read_manifest
 from student_trainer.teachers import CachedTeacher, DirectTeacher
 from student_trainer.train import Batch, train
@@ -25,16 +22,6 @@ from tests.conftest import REPO_ROOT, start_server
 from tests.test_train import step_losses, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def roots(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
-    """A data root holding `docs` (python-docs with the tiny tokenizer, 32 tokens a row) and a cache root."""
-    data_root, cache_root = tmp_path_factory.mktemp("data-root"), tmp_path_factory.mktemp("cache-root")
-    preprocess(PreprocessConfig(inputs=["python-docs"], output=str(data_root / "docs"), tokenizer=str(tiny_model_dir),
-                                max_seq_length=32, val_fraction=0.05, rows_per_shard=512, progress=False,
-                                corpus_dir=str(tmp_path_factory.mktemp("corpora"))))
-    return data_root, cache_root
 
 
 def cache_cli(*args: str) -> list[str]:

@@ -8,7 +8,6 @@ import signal
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,7 +18,6 @@ from student_trainer.teachers.network import NetworkTeacher, TeacherMismatch, Te
 from student_trainer.train import Batch, train
 from student_trainer.teacher_process import free_port
 from tests.conftest import start_server
-from tests.test_cache_mode import roots  # noqa: F401  (the shard set fixture)
 from tests.test_train import step_losses, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,14 +31,14 @@ def server(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture
-def network_teacher(server, roots, monkeypatch):  # noqa: F811
+def network_teacher(server, roots, monkeypatch):
     manifest = read_manifest(roots[0] / "docs")
     teacher = NetworkTeacher([server.url], 16, 1.0, manifest["tokenizer_sha256"], manifest["vocab_size"], api_key="key")
     yield teacher
     teacher.close()
 
 
-def test_network_targets_equal_direct_targets(network_teacher, roots, tiny_engine) -> None:  # noqa: F811
+def test_network_targets_equal_direct_targets(network_teacher, roots, tiny_engine) -> None:
     dataset = PretokenizedShardDataset(roots[0] / "docs", "train")
     direct = DirectTeacher(tiny_engine, k=16, temperature=1.0)
     first = Batch.from_rows([dataset[i] for i in (1, 40, 7)])
@@ -55,7 +53,7 @@ def test_network_targets_equal_direct_targets(network_teacher, roots, tiny_engin
     assert network_teacher.stats["requests"] == 2 and network_teacher.stats["bytes_received"] > 0
 
 
-def test_a_network_run_with_prefetch_resumes_exactly(server, roots, tmp_path, monkeypatch) -> None:  # noqa: F811
+def test_a_network_run_with_prefetch_resumes_exactly(server, roots, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("TEACHER_API_KEY", "key")
     settings = dict(max_steps=8, eval_every=8, save_every=8, teacher_mode="network", teacher_url=server.url,
                     prefetch_depth=2)
@@ -72,13 +70,13 @@ def test_a_network_run_with_prefetch_resumes_exactly(server, roots, tmp_path, mo
     assert any(m.get("teacher/requests", 0) > 0 for m in metrics)
 
 
-def test_a_teacher_with_another_tokenizer_is_refused(server, roots) -> None:  # noqa: F811
+def test_a_teacher_with_another_tokenizer_is_refused(server, roots) -> None:
     manifest = read_manifest(roots[0] / "docs")
     with pytest.raises(TeacherMismatch, match="tokenized with sha256"):
         NetworkTeacher([server.url], 16, 1.0, "0" * 64, manifest["vocab_size"], api_key="key")
 
 
-def test_an_unreachable_teacher_is_reported(roots) -> None:  # noqa: F811
+def test_an_unreachable_teacher_is_reported(roots) -> None:
     manifest = read_manifest(roots[0] / "docs")
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(TeacherUnavailable, match="did not answer GET /v1/models"):
@@ -101,7 +99,7 @@ def wait_until(predicate, timeout: float = 120.0) -> None:
         time.sleep(0.01)
 
 
-def test_kill_9_mid_training_falls_back_and_returns_without_losing_a_step(roots, tiny_model_dir, tmp_path) -> None:  # noqa: F811
+def test_kill_9_mid_training_falls_back_and_returns_without_losing_a_step(roots, tiny_model_dir, tmp_path) -> None:
     port = free_port()
     teacher = start_server(str(tiny_model_dir), tmp_path / "teacher", port=port)
     output = tmp_path / "run"
@@ -138,7 +136,7 @@ def test_kill_9_mid_training_falls_back_and_returns_without_losing_a_step(roots,
     assert after_return and after_return[-1]["teacher/active_source"] == 0
 
 
-def test_without_a_fallback_the_run_checkpoints_and_stops_after_the_deadline(roots, tiny_model_dir, tmp_path) -> None:  # noqa: F811
+def test_without_a_fallback_the_run_checkpoints_and_stops_after_the_deadline(roots, tiny_model_dir, tmp_path) -> None:
     teacher = start_server(str(tiny_model_dir), tmp_path / "teacher")
     output = tmp_path / "run"
     killer = threading.Thread(target=lambda: (wait_until(lambda: last_step(output) >= 3),
@@ -198,7 +196,7 @@ class DelayingProxy:
         self._loop.call_soon_threadsafe(self._server.close)
 
 
-def test_prefetch_hides_a_slow_teacher_up_to_its_depth(server, roots, tmp_path, monkeypatch) -> None:  # noqa: F811
+def test_prefetch_hides_a_slow_teacher_up_to_its_depth(server, roots, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("TEACHER_API_KEY", "key")
     proxy = DelayingProxy(server.port, delay=0.25)
     try:

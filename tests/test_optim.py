@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from student_trainer.model import RetNetStudent, StudentConfig
+from student_trainer.model import RetNetStudent
 from student_trainer.optim import (
     ALLOC_CONF_DEFAULT,
     ALLOC_CONF_VAR,
