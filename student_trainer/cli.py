@@ -10,10 +10,53 @@ from pathlib import Path
 def _main_job(args: argparse.Namespace) -> int:
     from student_trainer.main_job import run_main_job
 
-    summary = run_main_job(
-        model=args.model, prompt=args.prompt, k=args.k, workdir=Path(args.workdir), model_cache_dir=args.model_cache_dir
-    )
-    return 0 if summary["teacher_exit_code"] == 0 else 1
+    result = run_main_job(model=args.model, workdir=Path(args.workdir), teacher_url=args.teacher_url,
+                          max_steps=args.max_steps, data_dir=args.data_dir, model_cache_dir=args.model_cache_dir,
+                          eval_batches=args.eval_batches)
+    return 0 if result["teacher_exit_code"] in (0, None) else 1
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from student_trainer.evaluate import EvalSettings, EvaluationError, evaluate
+    from student_trainer.main_job import print_report
+
+    settings = EvalSettings(checkpoint=args.checkpoint, data=args.data, teacher=args.teacher, split=args.split,
+                            batches=args.batches, batch_size=args.batch_size, device=args.device,
+                            prompts=args.prompt or EvalSettings.__dataclass_fields__["prompts"].default_factory(),
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, output_dir=args.output_dir, model_cache_dir=args.model_cache_dir)
+    console = Console(stderr=True)
+    try:
+        with console.status("evaluating") as status:
+            report = evaluate(settings, progress=status.update)
+    except (EvaluationError, FileNotFoundError) as exc:
+        print(f"retnet-distill evaluate: {exc}", file=sys.stderr)
+        return 1
+    print_report(console, report)
+    print(json.dumps({"report": report["report_json"], "curves": report.get("curves_png"), **report["metrics"]}))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from student_trainer.generate import Sampling, interactive, load_chat
+
+    sampling = Sampling(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
+                        max_new_tokens=args.max_new_tokens, seed=args.seed)
+    try:
+        session = load_chat(args.checkpoint, args.tokenizer, sampling, device=args.device,
+                            model_cache_dir=args.model_cache_dir)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"retnet-distill generate: {exc}", file=sys.stderr)
+        return 1
+    if args.prompt is None:
+        return interactive(session)
+    session.reply(args.prompt, lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    sys.stdout.write("\n")
+    return 0
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -114,13 +157,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retnet-distill", description="Distil a Transformer teacher into a RetNet student.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    main = commands.add_parser("main", help="the main job on embedded defaults (what `make run` runs)")
+    main = commands.add_parser("main", help="the whole pipeline on embedded defaults (what `make run` runs)")
     main.add_argument("--model", default=EMBEDDED_ALIAS, help="teacher model (default: the embedded SmolLM2)")
-    main.add_argument("--prompt", default="The capital of France is", help="text whose next-token top-k is shown")
-    main.add_argument("--k", type=int, default=5, help="how many top entries to show")
-    main.add_argument("--workdir", default="runs/main", help="where logs go")
+    main.add_argument("--teacher-url", default=None, help="use this running teacher service instead of starting one")
+    main.add_argument("--max-steps", type=int, default=300, help="training steps of the tiny student")
+    main.add_argument("--workdir", default="runs/main", help="where the run, its checkpoints, logs and report go")
+    main.add_argument("--data-dir", default="data", help="where the python-docs shards are built once")
+    main.add_argument("--eval-batches", type=int, default=8, help="held-out batches of 4 rows for the report")
     main.add_argument("--model-cache-dir", default=DEFAULT_CACHE_DIR, help="where GGUF teachers are converted once")
     main.set_defaults(handler=_main_job)
+
+    ev = commands.add_parser("evaluate", help="held-out metrics, samples, report.json and curves.png of a checkpoint")
+    ev.add_argument("--checkpoint", required=True, help="a run folder (latest checkpoint), a checkpoint or a model folder")
+    ev.add_argument("--data", default=None, help="shard folder (default: the run's own training data)")
+    ev.add_argument("--teacher", default=None, help="teacher model (default: the run's teacher_model)")
+    ev.add_argument("--split", default="val", help="split of the shard folder (train when it has no such split)")
+    ev.add_argument("--batches", type=int, default=8, help="held-out batches")
+    ev.add_argument("--batch-size", type=int, default=4, help="rows per batch")
+    ev.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ev.add_argument("--prompt", action="append", help="a prompt for the samples (repeatable)")
+    ev.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sample")
+    ev.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
+    ev.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    ev.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ev.add_argument("--output-dir", default=None, help="where report.json and curves.png go (default: RUN/eval)")
+    ev.add_argument("--model-cache-dir", default=DEFAULT_CACHE_DIR, help="where GGUF teachers are converted once")
+    ev.set_defaults(handler=_evaluate)
+
+    gen = commands.add_parser("generate", help="chat with a student (streams tokens from the recurrent state)")
+    gen.add_argument("--checkpoint", required=True, help="a run folder, a checkpoint or a model folder")
+    gen.add_argument("--prompt", default=None, help="one prompt; without it, an interactive chat")
+    gen.add_argument("--tokenizer", default=None, help="the teacher's tokenizer (default: the run's teacher_model)")
+    gen.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    gen.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    gen.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="most tokens per answer")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    gen.add_argument("--model-cache-dir", default=DEFAULT_CACHE_DIR, help="where GGUF tokenizers are converted once")
+    gen.set_defaults(handler=_generate)
 
     from student_trainer.data.formats import FORMATS
 

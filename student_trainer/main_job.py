@@ -1,77 +1,125 @@
-"""The main job on embedded defaults: what the README's first command runs.
+"""The main job on embedded defaults: what the README's first command (``make run``) runs.
 
-Today it starts the teacher service on the embedded SmolLM2 teacher, asks it for top-k
-log-probabilities over msgpack exactly as the trainer's network mode will, prints the answer and
-stops the service. Later issues extend it to a whole distillation run.
+The whole pipeline, top to bottom, with nothing downloaded:
+
+1. prepare the embedded SmolLM2-135M-Instruct teacher (its GGUF is converted once);
+2. start the teacher service on a free loopback port (or use ``--teacher-url``, e.g. in compose);
+3. build the embedded ``python-docs`` corpus with the teacher's tokenizer;
+4. distil a tiny RetNet student in network mode (msgpack over HTTP, prefetching) with progress bars;
+5. stop the service (always, also on errors), then evaluate the student against the teacher in
+   process and print a short report; ``report.json`` and ``curves.png`` land in the work folder.
+
+Sized to finish in well under 15 minutes on 2 CPU cores (``benchmarks/RESULTS.md`` has the timing).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
-import httpx
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from shared.wire import MSGPACK, decode_topk_response, encode_topk_request
+from student_trainer.config import TrainConfig, load_config
 from student_trainer.teacher_process import LocalTeacher
 from student_trainer.tokenizer import DEFAULT_MODEL_CACHE_DIR as DEFAULT_CACHE_DIR
 from teacher_server.engines.model_source import EMBEDDED_ALIAS, resolve_model
 
+# The run: a tiny student at 4 x 128 tokens per step. The CPU teacher computes ~400 tokens/s on 2
+# cores, so one step costs ~1.3 s of teacher time; prefetching overlaps it with the student's step.
+MAIN_JOB_TRAINING = {
+    "model_variant": "tiny", "max_seq_length": 128, "batch_size": 4, "teacher_topk": 64, "temperature": 1.0,
+    "distill_alpha": 0.5, "optimizer": "muon", "lr": 3e-3, "weight_decay": 0.0, "warmup_steps": 20,
+    "log_every": 10, "eval_every": 100, "eval_batches": 4, "save_every": 100, "keep_last": 2,
+    "saddle_window": 40, "saddle_warmup_steps": 60, "saddle_patience": 10, "prefetch_depth": 2,
+    "cpu_threads": 1,  # the teacher service takes the other core
+}
+
+
+def main_job_config(workdir: Path, teacher_url: str, model: str, max_steps: int, data_dir: str,
+                    model_cache_dir: str, device: str = "cpu") -> TrainConfig:
+    """The training config of the main job (every other key keeps its default)."""
+    values: dict[str, Any] = {
+        **MAIN_JOB_TRAINING, "output_dir": str(workdir / "train"), "max_steps": max_steps, "device": device,
+        "teacher_mode": "network", "teacher_url": teacher_url, "teacher_model": model, "train_data": "python-docs",
+        "data_dir": data_dir, "model_cache_dir": model_cache_dir, "wandb_mode": "auto",
+        "warmup_steps": min(MAIN_JOB_TRAINING["warmup_steps"], max_steps // 5),  # short smoke runs (--max-steps 5)
+    }
+    return load_config(None, [f"{key}={value}" for key, value in values.items()])
+
 
 def run_main_job(
     model: str = EMBEDDED_ALIAS,
-    prompt: str = "The capital of France is",
-    k: int = 5,
     workdir: Path = Path("runs/main"),
+    teacher_url: str | None = None,
+    max_steps: int = 300,
+    data_dir: str = "data",
     model_cache_dir: str = DEFAULT_CACHE_DIR,
+    eval_batches: int = 8,
     console: Console | None = None,
-) -> dict:
-    """Start the teacher, fetch one top-k answer for ``prompt``, stop the teacher; returns a summary."""
-    from transformers import AutoTokenizer
+) -> dict[str, Any]:
+    """Run the pipeline; returns ``{"train": train summary, "report": evaluation report, ...}``."""
+    from student_trainer.evaluate import EvalSettings, evaluate
+    from student_trainer.train import prepare_data, train
 
     console = console or Console()
     console.rule("[bold]retnet-distill: main job")
     started = time.perf_counter()
     with console.status(f"preparing teacher {model} (the first run converts the embedded GGUF once)"):
         source = resolve_model(model, model_cache_dir)
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
     console.print(f"teacher weights: {source.path}")
 
-    log_path = workdir / "teacher.log"
-    with console.status("starting the teacher service"):
-        teacher = LocalTeacher(model, log_path, env={"TEACHER_MODEL_CACHE_DIR": model_cache_dir}).__enter__()
-    try:
-        console.print(f"teacher service ready at {teacher.url} (log: {log_path})")
-        ids = tokenizer(prompt)["input_ids"]
-        body = encode_topk_request([ids], k=k, temperature=1.0, fmt="msgpack")
-        reply = httpx.post(teacher.url + "/v1/topk", content=body, headers={"Content-Type": MSGPACK}, timeout=120)
-        reply.raise_for_status()
-        answer = decode_topk_response(reply.content, "msgpack")
-    finally:
-        exit_code = teacher.stop()
+    config = main_job_config(workdir, teacher_url or "http://127.0.0.1:0", model, max_steps, data_dir, model_cache_dir)
+    with console.status("building the python-docs corpus with the teacher's tokenizer"):
+        data = prepare_data(config)
+    console.print(f"training data: {data}")
 
-    last_ids, last_logprobs = answer.indices[-1], answer.logprobs[-1].astype(np.float64)
-    table = Table(title=f"teacher's next-token top-{k} after {prompt!r}")
-    table.add_column("rank", justify="right")
-    table.add_column("token")
-    table.add_column("id", justify="right")
-    table.add_column("prob", justify="right")
-    for rank, (token_id, logprob) in enumerate(zip(last_ids, last_logprobs), start=1):
-        table.add_row(str(rank), repr(tokenizer.decode([int(token_id)])), str(int(token_id)), f"{np.exp(logprob):.3f}")
-    table.add_row("", "(tail: all other tokens)", "", f"{np.exp(float(answer.tail_logprob[-1])):.3f}")
+    teacher: LocalTeacher | None = None
+    exit_code = None
+    try:
+        if teacher_url is None:
+            with console.status("starting the teacher service"):
+                teacher = LocalTeacher(model, workdir / "teacher.log",
+                                       env={"TEACHER_MODEL_CACHE_DIR": model_cache_dir, "TEACHER_TORCH_THREADS": "1"}).__enter__()
+            config.teacher_url = teacher.url
+            console.print(f"teacher service ready at {teacher.url} (log: {workdir / 'teacher.log'})")
+        console.print(f"distilling a {config.model_variant} RetNet student for {config.max_steps} steps in network "
+                      f"mode ({config.batch_size} x {config.max_seq_length} tokens per step, top-{config.teacher_topk})")
+        summary = train(config)
+    finally:
+        if teacher is not None:
+            exit_code = teacher.stop()
+            console.print(f"teacher service stopped (exit code {exit_code})")
+    trained = time.perf_counter()
+
+    with console.status("evaluating the student against the teacher") as status:
+        report = evaluate(EvalSettings(checkpoint=config.output_dir, data=str(data), teacher=model,
+                                       batches=eval_batches, output_dir=str(workdir / "eval"),
+                                       model_cache_dir=model_cache_dir, max_new_tokens=40),
+                          progress=status.update)
+    print_report(console, report)
+    console.print(f"main job took {time.perf_counter() - started:.0f}s (training {trained - started:.0f}s); "
+                  f"report: {report['report_json']}; curves: {report.get('curves_png')}")
+    return {"train": summary, "report": report, "teacher_exit_code": exit_code, "seconds": time.perf_counter() - started}
+
+
+def print_report(console: Console, report: dict[str, Any]) -> None:
+    """The short human report: held-out numbers of teacher vs student, and one sample answer."""
+    m = report["metrics"]
+    table = Table(title=f"held-out ({report['split']} split, {int(m['target_tokens'])} target tokens)")
+    table.add_column("")
+    table.add_column("teacher", justify="right")
+    table.add_column("student", justify="right")
+    table.add_row("perplexity", f"{m['teacher_perplexity']:.1f}", f"{m['student_perplexity']:.1f}")
+    table.add_row("top-1 accuracy", f"{m['teacher_top1_accuracy']:.3f}", f"{m['student_top1_accuracy']:.3f}")
+    table.add_row("parameters", "", f"{report['student_parameters']:,}")
     console.print(table)
-    console.print(
-        f"{len(ids)} positions x k={k} in {len(reply.content)} bytes of msgpack; "
-        f"teacher compute {answer.timing.get('compute_ms', 0):.0f} ms; tokenizer sha256 {answer.tokenizer_sha256[:16]}..."
-    )
-    console.print(f"teacher service stopped (exit code {exit_code}); main job took {time.perf_counter() - started:.1f}s")
-    return {
-        "model": answer.model,
-        "prompt_ids": ids,
-        "top_tokens": [tokenizer.decode([int(i)]) for i in last_ids],
-        "top_probs": np.exp(last_logprobs).tolist(),
-        "teacher_exit_code": exit_code,
-    }
+    console.print(f"KL(teacher || student) {m['kl_teacher_student']:.3f} nats/token; top-1 agreement "
+                  f"{m['top1_agreement']:.3f}; recurrent vs parallel max |diff| {m['recurrent_vs_parallel_max_abs_diff']:.1e}; "
+                  f"decode {m['decode_tokens_per_s']:.0f} tokens/s")
+    if report["samples"]:
+        sample = report["samples"][0]
+        console.print(f"[bold]prompt:[/bold] {sample['prompt']}")
+        console.print(f"[bold]student:[/bold] {sample['student']!r}")
+        console.print(f"[bold]teacher:[/bold] {sample['teacher']!r}")

@@ -1,0 +1,294 @@
+"""Checkpoint evaluation: how close the student is to its teacher, and how it decodes.
+
+``retnet-distill evaluate --checkpoint DIR [--data SHARDS] [--teacher NAME]`` measures, on held-out
+rows of a shard set:
+
+- perplexity of the student and of the teacher on the data's target tokens (full softmax, exact);
+- KL(teacher || student) over the whole vocabulary at T = 1, and top-1 agreement;
+- the largest difference between the student's recurrent path (prefill one token, then step) and its
+  parallel forward, in log-probability units (they must agree: generation uses the recurrent path);
+- decode speed through the recurrent state, and a few chat answers of student and teacher;
+
+and writes ``report.json`` plus ``curves.png`` from the run's ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.files import atomic_write
+from shared.token_shards import read_manifest
+from student_trainer.checkpoint import STATE_FILE, list_checkpoints
+from student_trainer.data.sampler import ShardSampler
+from student_trainer.data.shards import PretokenizedShardDataset
+from student_trainer.model import RetNetStudent
+from student_trainer.tokenizer import DEFAULT_MODEL_CACHE_DIR
+
+DEFAULT_PROMPTS = (
+    "What does the Python statement `pass` do?",
+    "How do I open a file and read its lines in Python?",
+)
+
+
+class EvaluationError(ValueError):
+    """An input that cannot be evaluated (missing checkpoint, mismatched data); the message says why."""
+
+
+@dataclass
+class EvalSettings:
+    """What to evaluate and how (``retnet-distill evaluate --help`` lists the same knobs)."""
+
+    checkpoint: str  # a run folder (latest checkpoint), a checkpoint folder, or a saved model folder
+    data: str | None = None  # shard folder; None: the run's own data (its train_data)
+    teacher: str | None = None  # teacher model; None: the run's teacher_model
+    split: str = "val"
+    batches: int = 8
+    batch_size: int = 4
+    device: str = "cpu"
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    max_new_tokens: int = 48
+    temperature: float = 0.8
+    top_p: float = 0.9
+    seed: int = 0
+    output_dir: str | None = None  # None: <run>/eval
+    model_cache_dir: str = DEFAULT_MODEL_CACHE_DIR
+
+
+@dataclass
+class ResolvedCheckpoint:
+    model_dir: Path  # folder written by RetNetStudent.save
+    run_dir: Path | None  # the training run (metrics.jsonl lives there), when known
+    train_config: dict[str, Any]  # the run's resolved config ({} for a bare model folder)
+    step: int | None
+
+
+def resolve_checkpoint(path: str | Path) -> ResolvedCheckpoint:
+    """Accept a run folder, a ``checkpoints/step-N`` folder or a bare model folder."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise EvaluationError(f"{path}/checkpoints holds no complete checkpoint; train first or pass a checkpoint folder")
+        path = found[-1]
+    if (path / "model" / "config.json").is_file():
+        state = json.loads((path / STATE_FILE).read_text()) if (path / STATE_FILE).is_file() else {}
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+        return ResolvedCheckpoint(path / "model", run_dir, state.get("config", {}), state.get("step"))
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return ResolvedCheckpoint(path, None, {}, None)
+    raise EvaluationError(f"{path} is not a run folder, a checkpoint folder (with model/) or a saved student "
+                          "(config.json + model.safetensors); pass e.g. runs/cpu or runs/cpu/checkpoints/step-00000200")
+
+
+def resolve_data(settings: EvalSettings, checkpoint: ResolvedCheckpoint) -> Path:
+    """The shard folder: ``--data``, else the run's own training data (python-docs is built if missing)."""
+    if settings.data and settings.data != "python-docs":
+        return Path(settings.data)
+    from student_trainer.config import load_config
+    from student_trainer.train import prepare_data
+
+    known = {k: v for k, v in checkpoint.train_config.items() if k in ("train_data", "data_dir", "max_seq_length",
+                                                                        "teacher_model", "model_cache_dir")}
+    if settings.data == "python-docs":
+        known["train_data"] = "python-docs"
+    if "train_data" not in known:
+        raise EvaluationError(f"{checkpoint.model_dir} records no training data; pass --data SHARDS")
+    if settings.teacher:
+        known["teacher_model"] = settings.teacher
+    config = load_config(None, [f"{k}={v}" for k, v in known.items()] + ["progress=false"])
+    return prepare_data(config)
+
+
+def _token_logprobs(model_logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[L, V_model]`` logits -> ``[L, vocab]`` fp32 log-probs over the tokenizer's ids only."""
+    return torch.log_softmax(model_logits[:, :vocab].float(), dim=-1)
+
+
+@torch.no_grad()
+def heldout_metrics(student: RetNetStudent, teacher_lm: Any, dataset: PretokenizedShardDataset, vocab: int,
+                    batches: int, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Exact held-out metrics over the supervised positions of the first ``batches * batch_size`` rows.
+
+    A position ``t`` counts when token ``t + 1`` is a target of the data's loss mask; the student and the
+    teacher both predict it from tokens ``<= t``. KL(teacher || student) = sum_v p_t (log p_t - log p_s).
+    """
+    order = ShardSampler(len(dataset), shuffle=False)
+    rows = min(len(dataset), batches * batch_size)
+    sums = {"student_nll": 0.0, "teacher_nll": 0.0, "kl": 0.0, "agree": 0.0, "student_acc": 0.0, "teacher_acc": 0.0}
+    count = 0
+    for index in order.take(rows):
+        row = dataset[index]
+        n = row["length"]
+        ids = row["input_ids"][:n].to(device)
+        positions = torch.nonzero(row["loss_mask"][1:n]).flatten().to(device)  # t where token t+1 is a target
+        if positions.numel() == 0:
+            continue
+        labels = ids[positions + 1]
+        student_lp = _token_logprobs(student(ids[None])[0], vocab)[positions]
+        teacher_lp = _token_logprobs(teacher_lm(input_ids=ids[None]).logits[0], vocab)[positions]
+        sums["student_nll"] -= float(student_lp.gather(1, labels[:, None]).sum())
+        sums["teacher_nll"] -= float(teacher_lp.gather(1, labels[:, None]).sum())
+        sums["kl"] += float((teacher_lp.exp() * (teacher_lp - student_lp)).sum())
+        student_top, teacher_top = student_lp.argmax(-1), teacher_lp.argmax(-1)
+        sums["agree"] += float((student_top == teacher_top).sum())
+        sums["student_acc"] += float((student_top == labels).sum())
+        sums["teacher_acc"] += float((teacher_top == labels).sum())
+        count += positions.numel()
+    if count == 0:
+        raise EvaluationError(f"{dataset.folder} split {dataset.split!r} has no target tokens in its first {rows} rows")
+    mean = {key: value / count for key, value in sums.items()}
+    return {
+        "student_perplexity": math.exp(mean["student_nll"]), "teacher_perplexity": math.exp(mean["teacher_nll"]),
+        "student_nll": mean["student_nll"], "teacher_nll": mean["teacher_nll"],
+        "kl_teacher_student": mean["kl"], "top1_agreement": mean["agree"],
+        "student_top1_accuracy": mean["student_acc"], "teacher_top1_accuracy": mean["teacher_acc"],
+        "rows": float(rows), "target_tokens": float(count),
+    }
+
+
+@torch.no_grad()
+def recurrent_parallel_difference(student: RetNetStudent, ids: torch.Tensor) -> float:
+    """Max |log p_recurrent - log p_parallel| over all positions of ``ids [L]``: prefill of the first token,
+    then one recurrent step per token, against one parallel forward over the same tokens."""
+    parallel = torch.log_softmax(student(ids[None])[0].float(), dim=-1)
+    logits, state = student.prefill(ids[None, :1])
+    worst = float((torch.log_softmax(logits[0].float(), -1) - parallel[0]).abs().max())
+    for t in range(1, ids.numel()):
+        logits, state = student.step(ids[t : t + 1], state)
+        worst = max(worst, float((torch.log_softmax(logits[0].float(), -1) - parallel[t]).abs().max()))
+    return worst
+
+
+def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The token ids of a one-turn chat ending where the assistant's answer starts."""
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+    return tokenizer(prompt)["input_ids"]
+
+
+def stop_ids(tokenizer: Any) -> set[int]:
+    """Ids that end an answer: EOS and the chat template's end-of-turn token when it has one."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id >= 0:
+            ids.add(token_id)
+    return ids
+
+
+@torch.no_grad()
+def student_answer(student: RetNetStudent, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float,
+                   top_p: float, seed: int, device: torch.device) -> tuple[str, int, float]:
+    """``(text, new tokens, decode seconds)`` of one sampled answer through the recurrent state."""
+    ids = torch.tensor(chat_prompt_ids(tokenizer, prompt), device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    stops, produced = stop_ids(tokenizer), []
+    started = time.perf_counter()
+    for token in student.generate(ids, max_new_tokens, temperature=temperature, top_p=top_p, greedy=temperature == 0,
+                                  generator=generator):
+        if int(token[0]) in stops:
+            break
+        produced.append(int(token[0]))
+    return tokenizer.decode(produced, skip_special_tokens=True), len(produced), time.perf_counter() - started
+
+
+@torch.no_grad()
+def teacher_answer(teacher_lm: Any, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float,
+                   top_p: float, seed: int) -> str:
+    ids = torch.tensor([chat_prompt_ids(tokenizer, prompt)], device=teacher_lm.device)
+    torch.manual_seed(seed)
+    out = teacher_lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                              do_sample=temperature > 0, temperature=temperature or None, top_p=top_p,
+                              eos_token_id=sorted(stop_ids(tokenizer)), pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def decode_speed(student: RetNetStudent, prompt_ids: torch.Tensor, tokens: int = 64) -> float:
+    """Recurrent decode tokens/s after the prompt (greedy, batch 1, prefill excluded)."""
+    logits, state = student.prefill(prompt_ids[None])
+    token = logits.argmax(-1)
+    started = time.perf_counter()
+    for _ in range(tokens):
+        logits, state = student.step(token, state)
+        token = logits.argmax(-1)
+    return tokens / (time.perf_counter() - started)
+
+
+def evaluate(settings: EvalSettings, progress: Any = None) -> dict[str, Any]:
+    """Evaluate a checkpoint; writes ``report.json`` (and ``curves.png`` when the run has metrics) into the
+    output folder and returns the report. ``progress(message)`` is called before each stage."""
+    from teacher_server.engines.hf import HFEngine
+
+    say = progress or (lambda message: None)
+    checkpoint = resolve_checkpoint(settings.checkpoint)
+    device = torch.device(settings.device)
+    teacher_name = settings.teacher or checkpoint.train_config.get("teacher_model")
+    if not teacher_name:
+        raise EvaluationError(f"{checkpoint.model_dir} records no teacher; pass --teacher NAME")
+    out_dir = Path(settings.output_dir) if settings.output_dir else (checkpoint.run_dir or checkpoint.model_dir.parent) / "eval"
+
+    say(f"loading student {checkpoint.model_dir} and teacher {teacher_name}")
+    student = RetNetStudent.load(checkpoint.model_dir, device=device).eval()
+    engine = HFEngine(teacher_name, device=settings.device, dtype="float32", cache_dir=settings.model_cache_dir)
+    teacher_lm, tokenizer = engine.model, engine.tokenizer
+    data_dir = resolve_data(settings, checkpoint)
+    manifest = read_manifest(data_dir)
+    if manifest["tokenizer_sha256"] != engine.tokenizer_sha256:
+        raise EvaluationError(f"{data_dir} was tokenized with {manifest['tokenizer']}, not the teacher {teacher_name}'s "
+                              "tokenizer; pass --data tokenized with the teacher's tokenizer")
+    if student.config.vocab_size < engine.vocab_size:
+        raise EvaluationError(f"the student's vocab ({student.config.vocab_size}) is smaller than the teacher "
+                              f"tokenizer's ({engine.vocab_size}); was it trained with teacher {teacher_name}?")
+    split = settings.split if settings.split in manifest["splits"] else "train"
+    dataset = PretokenizedShardDataset(data_dir, split)
+
+    say(f"held-out metrics on {data_dir.name}/{split}")
+    metrics = heldout_metrics(student, teacher_lm, dataset, engine.vocab_size, settings.batches, settings.batch_size, device)
+    probe = dataset[0]["input_ids"][: min(dataset[0]["length"], 64)].to(device)
+    metrics["recurrent_vs_parallel_max_abs_diff"] = recurrent_parallel_difference(student, probe)
+    metrics["decode_tokens_per_s"] = decode_speed(student, probe)
+
+    say("generating samples")
+    samples = []
+    for i, prompt in enumerate(settings.prompts):
+        text, count, seconds = student_answer(student, tokenizer, prompt, settings.max_new_tokens, settings.temperature,
+                                              settings.top_p, settings.seed + i, device)
+        samples.append({"prompt": prompt, "student": text, "student_tokens": count,
+                        "teacher": teacher_answer(teacher_lm, tokenizer, prompt, settings.max_new_tokens,
+                                                  settings.temperature, settings.top_p, settings.seed + i)})
+    report = {
+        "checkpoint": str(checkpoint.model_dir), "step": checkpoint.step, "teacher": teacher_name,
+        "data": str(data_dir), "split": split, "student_parameters": student.num_parameters(),
+        "metrics": metrics, "samples": samples,
+        "sampling": {"temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed,
+                     "max_new_tokens": settings.max_new_tokens},
+        "settings": asdict(settings),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = checkpoint.run_dir / "metrics.jsonl" if checkpoint.run_dir else None
+    if metrics_file is not None and metrics_file.is_file():
+        from student_trainer.plots import plot_training_curves
+
+        say("plotting training curves")
+        report["curves_png"] = str(plot_training_curves(metrics_file, out_dir / "curves.png",
+                                                        title=f"{checkpoint.run_dir} (step {checkpoint.step})"))
+    report_path = out_dir / "report.json"
+    atomic_write(report_path, (json.dumps(report, indent=2, default=_json_default) + "\n").encode())
+    report["report_json"] = str(report_path)
+    return report
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
