@@ -64,6 +64,20 @@ _TOPK_OPENAPI = {
 
 def build_engine(settings: TeacherSettings) -> TopKEngine:
     """The engine named by the settings (imported lazily: torch is slow to import)."""
+    if settings.engine == "vllm":
+        from teacher_server.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            cache_dir=settings.model_cache_dir,
+            max_k=settings.max_k,
+            gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+            max_model_len=settings.vllm_max_model_len,
+            allow_padded_head=settings.vllm_allow_padded_head,
+            trust_remote_code=settings.trust_remote_code,
+        )
     import torch
 
     from teacher_server.engines.hf import HFEngine
@@ -198,6 +212,8 @@ def create_app(
         req = decode_topk_request(body, request_fmt)
         req.validate(engine.vocab_size, settings.max_k, settings.max_tokens_per_request, engine.max_sequence_length)
         k = req.k if req.k is not None else min(settings.default_k, engine.vocab_size)
+        if hasattr(engine, "check_request"):  # an engine's own limits (vLLM: temperature 1 only) give 422, not 500
+            engine.check_request(k, req.temperature)
         rows, timing = await batcher.submit(EngineRequest(req.sequences, k, req.temperature))
         response = TopKResponse(
             model=engine.model_name,

@@ -14,7 +14,7 @@ class TeacherSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TEACHER_", extra="forbid", protected_namespaces=())
 
     model: str = Field("smollm2-135m-instruct", description="HF hub id, local dir, .gguf file, or smollm2-135m-instruct (embedded)")
-    engine: Literal["hf"] = Field("hf", description="inference engine")
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf (CPU or CUDA) or vllm (CUDA, T=1 only, own env)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
     torch_threads: int = Field(0, ge=0, description="CPU threads of the engine (0: torch's default); 1 helps on busy shared hosts")
@@ -29,6 +29,9 @@ class TeacherSettings(BaseSettings):
     batch_max_tokens: int = Field(16384, ge=1, description="token budget of one dynamic batch")
     batch_max_wait_ms: float = Field(5.0, ge=0, description="how long the first request of a batch waits for company")
     micro_batch_tokens: int = Field(8192, ge=1, description="padded tokens per transformer pass inside a batch")
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm engine: share of GPU memory for weights and KV cache")
+    vllm_max_model_len: int | None = Field(None, ge=2, description="vllm engine: context length (default: the model's); sequences may use one less")
+    vllm_allow_padded_head: bool = Field(False, description="vllm engine: serve an LM head padded beyond the tokenizer (padded mass goes to the tail)")
     max_queued_tokens: int = Field(262144, ge=1, description="more tokens waiting than this: 429")
     data_root: str = Field("data", description="cache jobs: datasets are names inside this folder")
     cache_root: str = Field("cache", description="cache jobs: outputs (and job state) go inside this folder")
