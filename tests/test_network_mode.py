@@ -99,7 +99,20 @@ def wait_until(predicate, timeout: float = 120.0) -> None:
         time.sleep(0.01)
 
 
-def test_kill_9_mid_training_falls_back_and_returns_without_losing_a_step(roots, tiny_model_dir, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def docs_cache(roots, tiny_model_dir, tmp_path_factory):
+    """A teacher cache (k=16) of the docs shards, written by `retnet-distill cache` in process."""
+    from tests.test_cache_mode import write_cache
+
+    output = tmp_path_factory.mktemp("fallback-cache") / "cache"
+    write_cache(tiny_model_dir, roots[0] / "docs", output)
+    return output
+
+
+@pytest.mark.parametrize("fallback", ["direct", "cached"])
+def test_kill_9_mid_training_falls_back_and_returns_without_losing_a_step(fallback, roots, tiny_model_dir, tmp_path,
+                                                                         request) -> None:
+    extra = {"teacher_cache": str(request.getfixturevalue("docs_cache"))} if fallback == "cached" else {}
     port = free_port()
     teacher = start_server(str(tiny_model_dir), tmp_path / "teacher", port=port)
     output = tmp_path / "run"
@@ -118,8 +131,8 @@ def test_kill_9_mid_training_falls_back_and_returns_without_losing_a_step(roots,
     worker = threading.Thread(target=chaos)
     worker.start()
     config = tiny_config(output, roots[0] / "docs", max_steps=400, eval_every=400, save_every=400, teacher_mode="network",
-                         teacher_url=f"http://127.0.0.1:{port}", teacher_fallback=["direct"], teacher_model=str(tiny_model_dir),
-                         teacher_retries=1, teacher_probe_s=0.2, prefetch_depth=2)
+                         teacher_url=f"http://127.0.0.1:{port}", teacher_fallback=[fallback], teacher_model=str(tiny_model_dir),
+                         teacher_retries=1, teacher_probe_s=0.2, prefetch_depth=2, **extra)
     try:
         train(config)
     finally:
@@ -127,7 +140,7 @@ def test_kill_9_mid_training_falls_back_and_returns_without_losing_a_step(roots,
         teacher.stop()
     lines = metric_lines(output)
     switches = [line for line in lines if line.get("event") == "teacher_switch"]
-    assert [s["to"].split(":")[0] for s in switches[:2]] == ["direct", "network"], (events, switches)
+    assert [s["to"].split(":")[0] for s in switches[:2]] == [fallback, "network"], (events, switches)
     # every step trained exactly the rows an uninterrupted run trains, once, in order
     trained = [line["data/rows"] for line in sorted((l for l in lines if "data/rows" in l), key=lambda l: l["step"])]
     sampler = ShardSampler(len(PretokenizedShardDataset(roots[0] / "docs", "train")), seed=0)
