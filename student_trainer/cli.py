@@ -249,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "(same as teacher_url=...)")
     trn.add_argument("overrides", nargs="*", help="key=value settings that override the YAML")
     trn.set_defaults(handler=_train)
+
+    from student_trainer.finetune_cli import add_parser as add_finetune_parser
+
+    add_finetune_parser(commands)
     return parser
 
 
