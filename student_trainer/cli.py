@@ -8,7 +8,12 @@ from pathlib import Path
 
 
 def _main_job(args: argparse.Namespace) -> int:
+    import signal
+
     from student_trainer.main_job import run_main_job
+
+    # SIGTERM (docker stop, kill) unwinds like Ctrl-C: the teacher service is stopped, telemetry closed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     result = run_main_job(model=args.model, workdir=Path(args.workdir), teacher_url=args.teacher_url,
                           max_steps=args.max_steps, data_dir=args.data_dir, model_cache_dir=args.model_cache_dir,

@@ -13,9 +13,10 @@ import pytest
 
 from student_trainer.cli import main
 
-pytestmark = pytest.mark.slow
 
 
+
+@pytest.mark.slow
 def test_main_job_runs_the_whole_pipeline_and_stops_the_service(tmp_path, capsys) -> None:
     workdir = tmp_path / "main"
     code = main(["main", "--workdir", str(workdir), "--data-dir", str(tmp_path / "data"), "--max-steps", "4",
@@ -39,3 +40,37 @@ def test_main_job_runs_the_whole_pipeline_and_stops_the_service(tmp_path, capsys
     assert m["recurrent_vs_parallel_max_abs_diff"] < 1e-3
     assert report["samples"] and report["samples"][0]["teacher"]
     assert (workdir / "eval" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_teacher_started_by_a_killed_process_does_not_outlive_it(tiny_model_dir, tmp_path) -> None:
+    """kill -9 of the trainer / main job: its teacher service gets SIGTERM and exits (no orphan on the port)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys, time\n"
+              "from pathlib import Path\n"
+              "from student_trainer.teacher_process import LocalTeacher\n"
+              f"t = LocalTeacher({str(tiny_model_dir)!r}, Path({str(tmp_path / 'teacher.log')!r})).__enter__()\n"
+              "print(t.proc.pid, flush=True)\n"
+              "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        teacher_pid = int(parent.stdout.readline())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(teacher_pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(teacher_pid, signal.SIGKILL)
+            raise AssertionError("the teacher service outlived the process that started it")
+    finally:
+        parent.kill()
+    assert "Application shutdown complete" in (tmp_path / "teacher.log").read_text()
