@@ -15,7 +15,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from teacher_server.app import create_app
-from teacher_server.settings import TeacherSettings
+from teacher_server.settings import TeacherSettings, unknown_environment
 
 
 def parse_args(argv: list[str] | None) -> dict:
@@ -36,6 +36,10 @@ def parse_args(argv: list[str] | None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     overrides = parse_args(argv)
+    unknown = unknown_environment()
+    if unknown:
+        print("retnet-teacher: unknown settings in the environment:\n  " + "\n  ".join(unknown), file=sys.stderr)
+        return 2
     try:
         settings = TeacherSettings(**overrides)
     except ValidationError as exc:

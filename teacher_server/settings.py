@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import difflib
+import os
+from typing import Literal, Mapping
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -11,7 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class TeacherSettings(BaseSettings):
     """Every knob of the teacher service. ``TEACHER_<NAME>`` sets ``<name>`` (e.g. ``TEACHER_PORT``)."""
 
-    model_config = SettingsConfigDict(env_prefix="TEACHER_", extra="forbid", protected_namespaces=())
+    # env_ignore_empty: `TEACHER_API_KEY=` (an empty line in an .env file) means "unset", not "the empty key".
+    model_config = SettingsConfigDict(env_prefix="TEACHER_", extra="forbid", protected_namespaces=(), env_ignore_empty=True)
 
     model: str = Field("smollm2-135m-instruct", description="HF hub id, local dir, .gguf file, or smollm2-135m-instruct (embedded)")
     engine: Literal["hf", "vllm"] = Field("hf", description="hf (CPU or CUDA) or vllm (CUDA, T=1 only, own env)")
@@ -45,3 +48,21 @@ class TeacherSettings(BaseSettings):
         if self.max_tokens_per_request > self.max_queued_tokens:
             raise ValueError("max_tokens_per_request must not exceed max_queued_tokens, or big requests always get 429")
         return self
+
+
+def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One message per ``TEACHER_*`` variable that is no setting (pydantic-settings ignores those
+    silently, so a typo such as ``TEACHER_MAXK`` would otherwise change nothing without a word)."""
+    environ = os.environ if environ is None else environ
+    known = {name.upper() for name in TeacherSettings.model_fields}
+    problems = []
+    for variable in sorted(environ):
+        if not variable.startswith("TEACHER_") or variable[len("TEACHER_"):] in known:
+            continue
+        name = variable[len("TEACHER_"):]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean TEACHER_{close[0]}?" if close else ""
+        if name.startswith(("SERVICE_", "PORT_")):
+            hint += " (Kubernetes injects such variables for a Service named 'teacher': set enableServiceLinks: false)"
+        problems.append(f"{variable} is not a teacher setting{hint}")
+    return problems

@@ -223,3 +223,20 @@ def test_invalid_settings_are_reported(tmp_path) -> None:
     )
     assert result.returncode == 2
     assert "default_k (8) must not exceed max_k (4)" in result.stderr
+
+
+def test_unknown_teacher_variables_are_refused_with_a_suggestion() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "teacher_server"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "TEACHER_MAXK": "8", "TEACHER_SERVICE_HOST": "10.0.0.1"},
+    )
+    assert result.returncode == 2
+    assert "TEACHER_MAXK is not a teacher setting; did you mean TEACHER_MAX_K?" in result.stderr
+    assert "enableServiceLinks: false" in result.stderr
+
+
+def test_an_empty_api_key_means_no_key(monkeypatch) -> None:
+    from teacher_server.settings import TeacherSettings
+
+    monkeypatch.setenv("TEACHER_API_KEY", "")
+    assert TeacherSettings().api_key is None
