@@ -41,6 +41,9 @@ class TrainConfig:
     eval_batches: int = 8
     save_every: int = 500
     keep_last: int = 3
+    # several processes (`torchrun --nproc_per_node=N -m student_trainer.cli train ...`; ignored in one process)
+    distributed: Literal["ddp", "fsdp2"] = "ddp"  # ddp: a full student per rank; fsdp2: sharded (needs optimizer=adamw)
+    dist_timeout_s: float = 1800.0  # how long a rank waits for the others in a collective (> teacher_deadline_s)
     # student
     model_variant: Literal["tiny", "350M", "500M"] = "500M"
     student_vocab_size: int | None = None  # None: the teacher tokenizer's length
@@ -118,6 +121,15 @@ class TrainConfig:
                               f"{self.teacher_fallback} with teacher_mode={self.teacher_mode}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, found {self.lr}")
+        if self.distributed == "fsdp2" and self.optimizer == "muon":
+            # torch.optim.Muon orthogonalises each rank's DTensor shard, not the whole matrix (torch 2.14)
+            raise ConfigError("distributed=fsdp2 needs optimizer=adamw: torch's Muon would orthogonalise each rank's "
+                              "shard of a weight matrix instead of the whole matrix; set optimizer=adamw, or "
+                              "distributed=ddp to keep Muon")
+        if self.teacher_mode == "network" and self.dist_timeout_s <= self.teacher_deadline_s:
+            raise ConfigError(f"dist_timeout_s ({self.dist_timeout_s}) must be > teacher_deadline_s "
+                              f"({self.teacher_deadline_s}): the other ranks wait that long for a rank whose "
+                              "teacher is retrying")
 
 
 def _field_types() -> dict[str, Any]:

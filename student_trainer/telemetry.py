@@ -47,20 +47,25 @@ class Telemetry:
         project: W&B project.
         progress: show a progress bar on the console.
         total_steps, start_step: for the progress bar.
+        enabled: False on the ranks other than 0 of a torchrun job: nothing is written or shown, and
+            events (e.g. this rank's teacher switching) only go to the log.
     """
 
     def __init__(self, output_dir: str | Path, config: dict[str, Any], wandb_mode: str, project: str,
-                 progress: bool, total_steps: int, start_step: int = 0) -> None:
+                 progress: bool, total_steps: int, start_step: int = 0, enabled: bool = True) -> None:
         self.output_dir = Path(output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.output_dir / METRICS_FILE, "a", encoding="utf-8")
-        self.wandb_mode = resolve_wandb_mode(wandb_mode)
+        self.enabled = enabled
+        self._file = None
+        self.wandb_mode = resolve_wandb_mode(wandb_mode) if enabled else "disabled"
         self._wandb = None
+        if enabled:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.output_dir / METRICS_FILE, "a", encoding="utf-8")
         if self.wandb_mode != "disabled":
             self._wandb = self._start_wandb(config, project)
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[status]}"), disable=not progress,
+            TextColumn("{task.fields[status]}"), disable=not (progress and enabled),
         )
         self._progress.start()
         self._task = self._progress.add_task("train", total=total_steps, completed=start_step, status="")
@@ -75,6 +80,8 @@ class Telemetry:
                           id=run_id, resume="allow", settings=wandb.Settings(silent=True, console="off"))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if self._file is None:
+            return
         record = {"step": step, "time": round(time.time(), 3), **metrics}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -85,7 +92,9 @@ class Telemetry:
         """A discrete event (saddle intervention, skipped step, teacher switch): logged and printed."""
         self.log(step, {"event": kind, **{k: v for k, v in data.items() if k != "step"}})
         message = f"step {step}: {kind} " + " ".join(f"{k}={v}" for k, v in data.items())
-        if self._progress.disable:
+        if not self.enabled:
+            log.info(message)  # rank 0 writes the shared ones; this keeps e.g. this rank's teacher switches
+        elif self._progress.disable:
             log.warning(message)
         else:
             self._progress.console.print(f"[yellow]{message}")
@@ -96,7 +105,8 @@ class Telemetry:
 
     def close(self) -> None:
         self._progress.stop()
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None

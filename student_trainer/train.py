@@ -3,7 +3,8 @@
 ``retnet-distill train --config configs/train_cpu.yaml [key=value ...]`` runs :func:`train`.
 One optimiser step = ``grad_accum_steps`` micro-batches; each micro-batch gets teacher targets
 from the configured source, runs the student's parallel forward to hidden states and the chunked
-distillation loss (LM head included), and accumulates gradients.
+distillation loss (LM head included), and accumulates gradients. Under ``torchrun`` every rank does
+this on its own rows (see :mod:`student_trainer.distributed`); rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from student_trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from student_trainer.checkpoint import load_checkpoint, resolve_resume
 from student_trainer.config import TrainConfig, config_to_dict
 from student_trainer.data.sampler import ShardSampler
 from student_trainer.data.shards import PretokenizedShardDataset, collate_rows, read_manifest
+from student_trainer.distributed import Distributed
 from student_trainer.health import HealthConfig, NonFiniteGuard, SaddleDetector
 from student_trainer.losses import LossConfig, LossOutput, distillation_loss
 from student_trainer.model import RetNetStudent, StudentConfig
@@ -35,7 +38,6 @@ from student_trainer.teachers import CachedTeacher, DirectTeacher, TeacherSource
 from student_trainer.teachers.fallback import FallbackTeacher
 from student_trainer.teachers.network import NetworkTeacher, TeacherUnavailable
 from student_trainer.telemetry import Telemetry, memory_metrics
-from teacher_server.engines.hf import pick_device
 from teacher_server.engines.model_source import model_name
 
 log = logging.getLogger(__name__)
@@ -190,62 +192,100 @@ def student_loss(model: RetNetStudent, batch: Batch, targets: TeacherTargets, co
                              batch.labels.to(device), batch.row_mask.to(device), config)
 
 
+class DistillStep(nn.Module):
+    """The student's forward pass and its distillation loss as one module's ``forward``.
+
+    DDP and FSDP2 hook ``forward``; the chunked loss uses the LM head's weight outside the student's
+    own forward, so the whole computation has to be one ``forward`` for them to see it.
+    """
+
+    def __init__(self, student: RetNetStudent, losses: LossConfig, device: torch.device, autocast: Any) -> None:
+        super().__init__()
+        self.student, self.losses, self.device, self.autocast = student, losses, device, autocast
+
+    def forward(self, batch: Batch, targets: TeacherTargets) -> LossOutput:
+        return student_loss(self.student, batch, targets, self.losses, self.device, self.autocast)
+
+
 # ------------------------------------------------------------------------------------- the loop
 
 
 def train(config: TrainConfig, teacher: TeacherSource | None = None) -> dict[str, Any]:
-    """Run (or resume) a training run; returns a summary with the final metrics and checkpoint."""
-    configure_cuda_allocator()
-    device = torch.device(pick_device(config.device))
+    """Run (or resume) a training run; returns a summary with the final metrics and checkpoint.
+
+    Launched by ``torchrun``, each process trains on its own share of every batch.
+    """
+    configure_cuda_allocator()  # before anything touches CUDA, the process group included
+    dist = Distributed.setup(config.device, config.distributed, config.dist_timeout_s)
+    try:
+        return _train(config, teacher, dist)
+    finally:
+        dist.close()
+
+
+def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed) -> dict[str, Any]:
+    device = dist.device
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
-    seed_everything(config.seed)
+    seed_everything(config.seed)  # the same seed on every rank: the same initial student
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if device.type == "cuda" and config.precision in ("auto", "bf16") else nullcontext())
 
-    data_dir = prepare_data(config)
-    manifest = read_manifest(data_dir)
     switches: list[dict[str, str]] = []  # teacher switches, logged as events by the loop
     owns_teacher = teacher is None
-    teacher = teacher or build_teacher(config, manifest, lambda a, b, why: switches.append({"from": a, "to": b, "reason": why}))
+    with dist.main_first():  # rank 0 builds shared files (python-docs shards, a converted teacher) once
+        data_dir = prepare_data(config)
+        manifest = read_manifest(data_dir)
+        teacher_config = dataclasses.replace(config, teacher_device=dist.local_device(config.teacher_device))
+        teacher = teacher or build_teacher(teacher_config, manifest,
+                                           lambda a, b, why: switches.append({"from": a, "to": b, "reason": why}))
     check_data(config, data_dir, manifest, teacher)
     train_set = PretokenizedShardDataset(data_dir, "train")
     splits = manifest["splits"]
     val_set = PretokenizedShardDataset(data_dir, config.val_split) if config.val_split in splits else None
-    sampler = ShardSampler(len(train_set), seed=config.seed)
+    sampler = ShardSampler(len(train_set), seed=config.seed, rank=dist.rank, world_size=dist.world_size)
 
     resume_from = resolve_resume(config.resume, output_dir)
     if resume_from is not None:
         model = RetNetStudent.load(resume_from / "model", device=device)
     else:
         model = build_student(config, teacher.vocab_size, device)
+    losses = loss_config(config)
+    # DDP / FSDP2 wrapper (or the plain step); the optimisers come after it, as FSDP2 replaces the parameters
+    trainable = dist.wrap(DistillStep(model, losses, device, autocast), model.decoder.layers)
     optimizers = build_optimizers(model, optim_config(config))
     detector = SaddleDetector(health_config(config))
     guard = NonFiniteGuard.from_config(detector.config)
     lr_control = LRController(optimizers, optim_config(config), multiplier=detector.multiplier)
-    losses = loss_config(config)
     start_step, tokens_seen = 0, 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, optimizers)
+        dist.shard_loaded_optimizer_state(optimizers)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
-        sampler.load_state_dict(state["sampler"])
+        sampler.load_state_dict(state["sampler"])  # refuses a checkpoint of another world size by name
+        if "rank_samplers" in state:
+            sampler.load_state_dict(state["rank_samplers"][dist.rank])
         detector.load_state_dict(state["detector"])
         guard.load_state_dict(state["guard"])
         lr_control.load_state_dict(state["lr"])
         log.info("resumed from %s at step %d", resume_from, start_step)
 
     telemetry = Telemetry(output_dir, config_to_dict(config), config.wandb_mode, config.wandb_project,
-                          config.progress, config.max_steps, start_step)
+                          config.progress, config.max_steps, start_step, enabled=dist.is_main)
     telemetry.log(start_step, {"event": "start", "resumed_from": str(resume_from) if resume_from else None,
                                "student_parameters": model.num_parameters(), "teacher": teacher.name,
-                               "train_rows": len(train_set), "data": str(data_dir)})
+                               "train_rows": len(train_set), "data": str(data_dir), "world_size": dist.world_size,
+                               "rows_per_step": config.batch_size * dist.world_size * config.grad_accum_steps})
     evaluator = Evaluator(val_set or train_set, teacher, losses, config, device, autocast)
     upcoming = UpcomingBatches(train_set, sampler, config.batch_size, teacher, config.prefetch_depth)
 
     def trainer_state(sampler_state: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {"tokens_seen": tokens_seen, "sampler": sampler_state or upcoming.sampler_state(),
+        sampler_state = sampler_state or upcoming.sampler_state()
+        # ranks can cross an epoch boundary at different steps (uneven partitions): keep each rank's position
+        per_rank = {"rank_samplers": dist.all_gather_object(sampler_state)} if dist.enabled else {}
+        return {"tokens_seen": tokens_seen, "sampler": sampler_state, **per_rank,
                 "detector": detector.state_dict(),
                 "guard": guard.state_dict(), "lr": lr_control.state_dict(), "config": config_to_dict(config),
                 "teacher": {"name": teacher.name, "tokenizer_sha256": teacher.tokenizer_sha256, "k": teacher.k,
@@ -253,35 +293,46 @@ def train(config: TrainConfig, teacher: TeacherSource | None = None) -> dict[str
 
     last: dict[str, Any] = {}
     if start_step == 0:
-        last = evaluator.run(model)
+        last = evaluator.run(trainable)
         telemetry.log(0, last)
     try:
         for step in range(start_step, config.max_steps):
-            model.train()
+            trainable.train()
             step_started, teacher_seconds, micro_metrics, step_tokens = time.perf_counter(), 0.0, [], 0
             step_start_state, step_rows = upcoming.sampler_state(), []
-            for _ in range(config.grad_accum_steps):
+            for micro in range(config.grad_accum_steps):
                 batch = upcoming.next()
                 teacher_started = time.perf_counter()
                 try:
-                    targets = teacher.targets_for(batch.input_ids, batch.lengths, batch.indices)
+                    targets, lost = teacher.targets_for(batch.input_ids, batch.lengths, batch.indices), None
                 except TeacherUnavailable as exc:
-                    # No fallback left: keep what is done (this step starts again on resume) and stop.
-                    path = save_checkpoint(output_dir, step, model, optimizers, trainer_state(step_start_state),
-                                           config.keep_last)
-                    telemetry.event(step, "teacher_unavailable", {"error": str(exc)[:500], "checkpoint": str(path)})
-                    raise TeacherUnavailable(f"{exc}. Saved {path}; start the same command again when the "
-                                             "teacher is back (resume=auto), or configure teacher_fallback") from exc
+                    targets, lost = None, exc
+                if dist.any_rank(lost is not None):
+                    # No fallback left (on some rank): keep what is done (this step starts again on
+                    # resume) and stop, every rank together.
+                    error = str(lost) if lost else "the teacher of another rank is unavailable"
+                    path = dist.save_checkpoint(output_dir, step, model, optimizers, trainer_state(step_start_state),
+                                                config.keep_last)
+                    telemetry.event(step, "teacher_unavailable", {"error": error[:500], "checkpoint": str(path)})
+                    raise TeacherUnavailable(f"{error}. Saved {path}; start the same command again when the "
+                                             "teacher is back (resume=auto), or configure teacher_fallback") from lost
                 teacher_seconds += time.perf_counter() - teacher_started
                 step_rows.extend(batch.indices.tolist())
-                out = student_loss(model, batch, targets, losses, device, autocast)
-                (out.loss / config.grad_accum_steps).backward()
+                # gradients are averaged across ranks in the backward of the last micro-step only
+                with dist.gradient_sync(trainable, sync=micro == config.grad_accum_steps - 1):
+                    out = trainable(batch, targets)
+                    (out.loss / config.grad_accum_steps).backward()
                 micro_metrics.append(out.metrics("train/"))
                 step_tokens += int(batch.lengths.sum())
             while switches:
                 telemetry.event(step, "teacher_switch", switches.pop(0))
             grad_norm = clip_grad_norm(model.parameters(), config.grad_clip)
             metrics = {key: float(np.mean([m[key] for m in micro_metrics])) for key in micro_metrics[0]}
+            # Every rank decides skip / saddle / stop from the same numbers, or the ranks would diverge.
+            metrics = dist.all_reduce_mean({**metrics, "train/grad_norm": grad_norm, "teacher/seconds": teacher_seconds})
+            grad_norm, teacher_seconds = metrics["train/grad_norm"], metrics["teacher/seconds"]
+            step_tokens = int(dist.all_reduce_sum({"tokens": step_tokens})["tokens"])
+            step_rows = dist.all_gather_rows(step_rows)
             if guard.should_skip(metrics["train/total"], grad_norm, step):
                 for optimizer in optimizers:
                     optimizer.zero_grad(set_to_none=True)
@@ -308,11 +359,11 @@ def train(config: TrainConfig, teacher: TeacherSource | None = None) -> dict[str
             if done % config.log_every == 0 or done == config.max_steps:
                 telemetry.log(done, {**metrics, **memory_metrics(device)})
             if done % config.eval_every == 0 or done == config.max_steps:
-                last = {**metrics, **evaluator.run(model)}
+                last = {**metrics, **evaluator.run(trainable)}
                 telemetry.log(done, {k: v for k, v in last.items() if k.startswith("eval/")})
             stopping = done == config.stop_at_step
             if done % config.save_every == 0 or done == config.max_steps or stopping:
-                save_checkpoint(output_dir, done, model, optimizers, trainer_state(), config.keep_last)
+                dist.save_checkpoint(output_dir, done, model, optimizers, trainer_state(), config.keep_last)
             if stopping:
                 telemetry.log(done, {"event": "stop", "reason": f"stop_at_step={done}; resume=auto continues"})
                 break
@@ -346,12 +397,16 @@ class Evaluator:
             self.batches.append((batch, targets))
 
     @torch.no_grad()
-    def run(self, model: RetNetStudent) -> dict[str, float]:
-        model.eval()
+    def run(self, model: RetNetStudent | nn.Module) -> dict[str, float]:
+        """Evaluate a student, or the training step module (:class:`DistillStep`, possibly wrapped by
+        DDP / FSDP2): under torchrun every rank evaluates the same batches (FSDP2 needs all ranks in
+        every forward) and gets the same numbers."""
+        step = DistillStep(model, self.losses, self.device, self.autocast) if isinstance(model, RetNetStudent) else model
+        step.eval()
         totals: dict[str, float] = {}
         rows = 0
         for batch, targets in self.batches:
-            out = student_loss(model, batch, targets, self.losses, self.device, self.autocast)
+            out = step(batch, targets)
             for key, value in out.metrics("eval/").items():
                 totals[key] = totals.get(key, 0.0) + value * out.n_rows
             rows += out.n_rows
