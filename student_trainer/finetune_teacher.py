@@ -399,6 +399,8 @@ def save_teacher(model: torch.nn.Module, tokenizer: Any, source: ModelSource, fo
             raise FinetuneError(f"the tokenizer saved in {staging} has another fingerprint than {source.path}'s")
         info.update(saved_dtype=str(dtype).removeprefix("torch."), tokenizer_sha256=saved_sha)
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        for file in staging.iterdir():
+            os.chmod(file, 0o644)  # the weights come out 0600; a teacher container's user must read them
         if folder.exists():  # overwrite: move the old one aside first, so a crash leaves one of them whole
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             os.replace(folder, old)

@@ -174,6 +174,7 @@ def test_finetuned_teacher_is_saved_whole_with_its_vocab_and_served(method, tiny
     folder = Path(info["save_dir"])
     assert folder == tmp_path / "run" / f"{tiny_model_dir.name}-{method}-ft"
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "a temp folder was left behind"
+    assert all(p.stat().st_mode & 0o004 for p in [folder, *folder.iterdir()]), "a teacher container's user must read it"
 
     saved = json.loads((folder / INFO_FILE).read_text())
     assert saved["method"] == method and saved["steps"] == 4 and saved["base_model"] == str(tiny_model_dir)
