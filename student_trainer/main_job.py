@@ -81,7 +81,7 @@ def run_main_job(
         if teacher_url is None:
             with console.status("starting the teacher service"):
                 teacher = LocalTeacher(model, workdir / "teacher.log",
-                                       env={"TEACHER_MODEL_CACHE_DIR": model_cache_dir, "TEACHER_TORCH_THREADS": "1"}).__enter__()
+                                       env={"TEACHER_MODEL_CACHE_DIR": model_cache_dir, "TEACHER_TORCH_THREADS": "2"}).__enter__()
             config.teacher_url = teacher.url
             console.print(f"teacher service ready at {teacher.url} (log: {workdir / 'teacher.log'})")
         console.print(f"distilling a {config.model_variant} RetNet student for {config.max_steps} steps in network "
