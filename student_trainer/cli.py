@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -144,8 +145,9 @@ def _train(args: argparse.Namespace) -> int:
     except (TrainingDiverged, CacheError, FileNotFoundError, TeacherUnavailable, TeacherMismatch) as exc:
         print(f"retnet-distill train: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({k: summary[k] for k in ("checkpoint", "steps", "skipped_steps")}))
-    print(json.dumps({k: round(v, 4) for k, v in summary["metrics"].items() if k.startswith("eval/")}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: one summary, from rank 0
+        print(json.dumps({k: summary[k] for k in ("checkpoint", "steps", "skipped_steps")}))
+        print(json.dumps({k: round(v, 4) for k, v in summary["metrics"].items() if k.startswith("eval/")}))
     return 0
 
 

@@ -93,6 +93,8 @@ def convert_gguf(gguf_path: Path, output_dir: Path) -> None:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / "SOURCE").write_text(f"converted from {gguf_path}\n")
+        for file in staging.iterdir():  # save_pretrained may write 0600 files; a shared cache must be readable
+            os.chmod(file, 0o644)
         os.replace(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
