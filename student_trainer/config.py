@@ -14,9 +14,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
+
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -132,9 +135,9 @@ class TrainConfig:
                               "teacher is retrying")
 
 
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+def _field_types(cls: type | None = None) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls or TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls or TrainConfig)}
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -183,8 +186,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """YAML file (optional) plus ``key=value`` overrides -> a checked :class:`TrainConfig`.
+def load_dataclass_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """YAML file (optional) plus ``key=value`` overrides -> a checked instance of the dataclass ``cls``
+    (which has a ``check()`` method): the loader of every config of this package.
 
     Raises:
         ConfigError: an unknown key (with the closest known one), a value of the wrong type, or
@@ -199,13 +203,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         key, value = parse_override(item)
         values[key] = value
-    types_by_key = _field_types()
+    types_by_key = _field_types(cls)
     for key in values:
         if key not in types_by_key:
             raise _unknown_key(key, types_by_key)
-    config = TrainConfig(**{key: _coerce(key, value, types_by_key[key]) for key, value in values.items()})
+    config = cls(**{key: _coerce(key, value, types_by_key[key]) for key, value in values.items()})
     config.check()
     return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML file (optional) plus ``key=value`` overrides -> a checked :class:`TrainConfig`."""
+    return load_dataclass_config(TrainConfig, path, overrides)
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:

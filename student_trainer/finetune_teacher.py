@@ -28,7 +28,6 @@ import random
 import shutil
 import tempfile
 import time
-import typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +36,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from shared.fingerprint import tokenizer_sha256
-from student_trainer.config import ConfigError, _coerce, _unknown_key, parse_override
+from student_trainer.config import ConfigError, load_dataclass_config
 from student_trainer.data.sampler import ShardSampler
 from student_trainer.data.shards import PretokenizedShardDataset, collate_rows, read_manifest
 from student_trainer.telemetry import Telemetry, memory_metrics
@@ -137,28 +135,9 @@ class TeacherFinetuneConfig:
 
 
 def load_finetune_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TeacherFinetuneConfig:
-    """YAML file (optional) plus ``key=value`` overrides -> a checked :class:`TeacherFinetuneConfig`.
-
-    Same rules as the training config (:func:`student_trainer.config.load_config`), whose value
-    checks it reuses: unknown keys are rejected with the closest known one, values are type-checked.
-    """
-    values: dict[str, Any] = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of key: value, found {type(loaded).__name__}")
-        values.update(loaded)
-    for item in overrides or []:
-        key, value = parse_override(item)
-        values[key] = value
-    hints = typing.get_type_hints(TeacherFinetuneConfig)
-    known = {f.name: hints[f.name] for f in dataclasses.fields(TeacherFinetuneConfig)}
-    for key in values:
-        if key not in known:
-            raise _unknown_key(key, known)
-    config = TeacherFinetuneConfig(**{key: _coerce(key, value, known[key]) for key, value in values.items()})
-    config.check()
-    return config
+    """YAML file (optional) plus ``key=value`` overrides -> a checked :class:`TeacherFinetuneConfig`
+    (the training config's rules: unknown keys rejected with the closest known one, values type-checked)."""
+    return load_dataclass_config(TeacherFinetuneConfig, path, overrides)
 
 
 # -------------------------------------------------------------------------------- labels and loss
@@ -226,15 +205,10 @@ def prepare_data(config: TeacherFinetuneConfig) -> Path:
     (in the same folder ``retnet-distill train`` uses, so both share it)."""
     if config.train_data != "python-docs" or Path("python-docs").exists():
         return Path(config.train_data)
-    from student_trainer.data.preprocess import PreprocessConfig, preprocess
+    from student_trainer.data.python_docs import python_docs_shards
 
-    slug = "".join(c if c.isalnum() else "-" for c in Path(config.base_model).name)
-    folder = Path(config.data_dir) / f"python-docs-{slug}-{config.max_seq_length}"
-    if not (folder / "manifest.json").is_file():
-        preprocess(PreprocessConfig(inputs=["python-docs"], output=str(folder), tokenizer=config.base_model,
-                                    max_seq_length=config.max_seq_length, val_fraction=0.05,
-                                    model_cache_dir=config.model_cache_dir, progress=config.progress))
-    return folder
+    return python_docs_shards(config.data_dir, config.base_model, config.max_seq_length, config.model_cache_dir,
+                              config.progress)
 
 
 def check_data(config: TeacherFinetuneConfig, folder: Path, manifest: dict[str, Any], tokenizer: Any) -> None:

@@ -82,15 +82,10 @@ def prepare_data(config: TrainConfig) -> Path:
     """The shard folder to train on; ``python-docs`` is built once with the teacher's tokenizer."""
     if config.train_data != "python-docs" or Path("python-docs").exists():
         return Path(config.train_data)
-    from student_trainer.data.preprocess import PreprocessConfig, preprocess
+    from student_trainer.data.python_docs import python_docs_shards
 
-    slug = "".join(c if c.isalnum() else "-" for c in Path(config.teacher_model).name)
-    folder = Path(config.data_dir) / f"python-docs-{slug}-{config.max_seq_length}"
-    if not (folder / "manifest.json").is_file():
-        preprocess(PreprocessConfig(inputs=["python-docs"], output=str(folder), tokenizer=config.teacher_model,
-                                    max_seq_length=config.max_seq_length, val_fraction=0.05,
-                                    model_cache_dir=config.model_cache_dir, progress=config.progress))
-    return folder
+    return python_docs_shards(config.data_dir, config.teacher_model, config.max_seq_length, config.model_cache_dir,
+                              config.progress)
 
 
 def check_data(config: TrainConfig, folder: Path, manifest: dict[str, Any], teacher: TeacherSource) -> None:

@@ -79,3 +79,19 @@ def write_python_docs(folder: str | Path) -> Path:
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         tmp.replace(path)
     return path
+
+
+def python_docs_shards(data_dir: str | Path, tokenizer: str, max_seq_length: int, model_cache_dir: str,
+                       progress: bool = True) -> Path:
+    """The ``python-docs`` shard folder for ``tokenizer`` at ``max_seq_length``, built once under
+    ``data_dir`` (5% of the documents held out as ``val``); the trainer and the teacher finetuner
+    share it."""
+    from student_trainer.data.preprocess import PreprocessConfig, preprocess
+
+    slug = "".join(c if c.isalnum() else "-" for c in Path(tokenizer).name)
+    folder = Path(data_dir) / f"{CORPUS_NAME}-{slug}-{max_seq_length}"
+    if not (folder / "manifest.json").is_file():
+        preprocess(PreprocessConfig(inputs=[CORPUS_NAME], output=str(folder), tokenizer=tokenizer,
+                                    max_seq_length=max_seq_length, val_fraction=0.05,
+                                    model_cache_dir=model_cache_dir, progress=progress))
+    return folder
