@@ -13,17 +13,6 @@ from pathlib import Path
 import httpx
 
 
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): get SIGTERM when the process that started it dies, even by
-    kill -9, so a killed trainer or main job never leaves an orphaned teacher holding a port and RAM."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except OSError:  # not Linux/glibc: the context manager's stop() is the only guard
-        pass
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -55,10 +44,11 @@ class LocalTeacher:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "teacher_server", "--model", self.model, "--host", "127.0.0.1", "--port", str(self.port)],
-            env={**os.environ, **self.env},
+            # The service drains and exits when this process is gone, even after a kill -9, so a killed
+            # trainer or main job never leaves an orphaned teacher holding a port and memory.
+            env={**os.environ, "TEACHER_PARENT_PID": str(os.getpid()), **self.env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         try:
             self._wait_ready()

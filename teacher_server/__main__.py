@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import threading
+import time
 
 import uvicorn
 from pydantic import ValidationError
@@ -32,6 +35,16 @@ def parse_args(argv: list[str] | None) -> dict:
     parser.add_argument("--log-level", dest="log_level", help="debug, info, warning or error")
     args = parser.parse_args(argv)
     return {key: value for key, value in vars(args).items() if value is not None}
+
+
+def _exit_with_parent(server: uvicorn.Server, parent_pid: int, poll_s: float = 0.5) -> None:
+    """Drain and stop once the parent process is gone (its children are re-parented, so our parent
+    pid changes). Polling works whichever thread of the parent started us, unlike PR_SET_PDEATHSIG,
+    which fires when that thread ends."""
+    while os.getppid() == parent_pid:
+        time.sleep(poll_s)
+    logging.getLogger(__name__).warning("parent process %d is gone: draining and stopping", parent_pid)
+    server.should_exit = True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn drains on SIGTERM, then re-raises it under the handler it found at start; with this
     # no-op handler a clean drain ends with exit code 0, as process managers and compose expect.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    if settings.parent_pid is not None:
+        threading.Thread(target=_exit_with_parent, args=(server, settings.parent_pid), daemon=True).start()
     server.run()
     return exit_code
 

@@ -40,6 +40,7 @@ class TeacherSettings(BaseSettings):
     cache_root: str = Field("cache", description="cache jobs: outputs (and job state) go inside this folder")
     api_key: SecretStr | None = Field(None, description="if set, /v1/* needs 'Authorization: Bearer <key>'")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    parent_pid: int | None = Field(None, ge=1, description="drain and exit when this process is gone (set by a parent that starts the service)")
 
     @model_validator(mode="after")
     def _check_limits(self) -> "TeacherSettings":
