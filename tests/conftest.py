@@ -98,6 +98,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_shards(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """python-docs tokenized by the tiny teacher's tokenizer, 32 tokens a row, 10% held out (read-only)."""
+    from student_trainer.data.preprocess import PreprocessConfig, preprocess
+
+    folder = tmp_path_factory.mktemp("shards") / "python-docs"
+    preprocess(PreprocessConfig(inputs=["python-docs"], output=str(folder), tokenizer=str(tiny_model_dir), max_seq_length=32,
+                                val_fraction=0.1, progress=False, corpus_dir=str(tmp_path_factory.mktemp("corpora"))))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir: Path):
     from teacher_server.engines.hf import HFEngine
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from student_trainer.config import ConfigError, load_config
-from student_trainer.data.preprocess import PreprocessConfig, preprocess
 from student_trainer.data.sampler import ShardSampler
 from student_trainer.data.shards import PretokenizedShardDataset
 from student_trainer.teachers import DirectTeacher
@@ -33,17 +32,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def shards(tiny_model_dir, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("shards") / "python-docs"
-    preprocess(PreprocessConfig(inputs=["python-docs"], output=str(folder), tokenizer=str(tiny_model_dir), max_seq_length=32,
-                                val_fraction=0.1, progress=False, corpus_dir=str(tmp_path_factory.mktemp("corpora"))))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def seed(shards) -> int:
+def seed(tiny_shards) -> int:
     """The first data seed whose first ``STEPS`` steps use only rows supervised at every position."""
-    dataset = PretokenizedShardDataset(shards, "train")
+    dataset = PretokenizedShardDataset(tiny_shards, "train")
     for candidate in range(1000):
         rows = ShardSampler(len(dataset), seed=candidate).take(STEPS * ROWS_PER_STEP)
         if all(dataset[i]["length"] == 32 and bool(dataset[i]["loss_mask"][1:].all()) for i in rows):
@@ -51,8 +42,8 @@ def seed(shards) -> int:
     raise AssertionError("no seed with fully supervised rows in the first steps")
 
 
-def settings(tiny_model_dir: Path, shards: Path, seed: int, **overrides) -> dict:
-    return {"train_data": str(shards), "teacher_mode": "direct", "teacher_model": str(tiny_model_dir),
+def settings(tiny_model_dir: Path, tiny_shards: Path, seed: int, **overrides) -> dict:
+    return {"train_data": str(tiny_shards), "teacher_mode": "direct", "teacher_model": str(tiny_model_dir),
             "teacher_device": "cpu", "teacher_dtype": "float32", "teacher_topk": 16, "model_variant": "tiny",
             "device": "cpu", "cpu_threads": 1, "seed": seed, "max_seq_length": 32, "max_steps": STEPS,
             "warmup_steps": 2, "log_every": 1, "eval_every": STOP_AT, "eval_batches": 2, "save_every": STOP_AT,
@@ -151,13 +142,13 @@ def check_written_by_rank_0(straight: Path, resumed: Path) -> None:
     assert all(s["position"] == STEPS * ROWS_PER_STEP // RANKS and s["world_size"] == RANKS for s in samplers)
 
 
-def test_two_ranks_match_one_process_and_resume(tmp_path, shards, seed, tiny_model_dir, tiny_engine) -> None:
+def test_two_ranks_match_one_process_and_resume(tmp_path, tiny_shards, seed, tiny_model_dir, tiny_engine) -> None:
     """DDP with Muon (the default) against one process, and a job resumed at step 3.
 
     Each rank takes its 2 rows as 2 micro-batches of 1 (gradients reduced on the second only); its 4
     evaluation batches of 1 row are the single process's 2 batches of 2.
     """
-    values = settings(tiny_model_dir, shards, seed)
+    values = settings(tiny_model_dir, tiny_shards, seed)
     single_process(tmp_path / "single", values, tiny_engine)
     straight, resumed = run_and_resume(tmp_path, "ddp", {**values, "batch_size": 1, "grad_accum_steps": 2,
                                                          "eval_batches": 4})
@@ -167,9 +158,9 @@ def test_two_ranks_match_one_process_and_resume(tmp_path, shards, seed, tiny_mod
 
 
 @pytest.mark.slow
-def test_fsdp2_matches_one_process_and_resumes(tmp_path, shards, seed, tiny_model_dir, tiny_engine) -> None:
+def test_fsdp2_matches_one_process_and_resumes(tmp_path, tiny_shards, seed, tiny_model_dir, tiny_engine) -> None:
     """FSDP2 (AdamW): sharded weights and optimizer state, checkpoints with full tensors, resume."""
-    values = settings(tiny_model_dir, shards, seed, optimizer="adamw", distributed="fsdp2")
+    values = settings(tiny_model_dir, tiny_shards, seed, optimizer="adamw", distributed="fsdp2")
     single_process(tmp_path / "single", values, tiny_engine)
     straight, resumed = run_and_resume(tmp_path, "fsdp2", values)
     check_same_steps(straight, tmp_path / "single", tight_until=STEPS, loose=0.0)
@@ -188,10 +179,10 @@ def test_fsdp2_matches_one_process_and_resumes(tmp_path, shards, seed, tiny_mode
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_one_gpu_under_torchrun_takes_the_steps_of_a_plain_process(tmp_path, shards, seed, tiny_model_dir, tiny_engine,
+def test_one_gpu_under_torchrun_takes_the_steps_of_a_plain_process(tmp_path, tiny_shards, seed, tiny_model_dir, tiny_engine,
                                                                    strategy) -> None:
     """The NCCL path: one rank on cuda:0 (DDP or FSDP2 wrapper, NCCL collectives) against a plain process."""
-    values = settings(tiny_model_dir, shards, seed, device="cuda", precision="bf16", optimizer="adamw",
+    values = settings(tiny_model_dir, tiny_shards, seed, device="cuda", precision="bf16", optimizer="adamw",
                       distributed=strategy)
     single_process(tmp_path / "single", values, tiny_engine)
     torchrun(tmp_path / strategy, {**values, "batch_size": 2, "grad_accum_steps": 2}, ranks=1)

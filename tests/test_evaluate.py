@@ -10,7 +10,6 @@ import torch
 
 from student_trainer.cli import main as cli_main
 from student_trainer.config import load_config
-from student_trainer.data.preprocess import PreprocessConfig, preprocess
 from student_trainer.data.shards import PretokenizedShardDataset
 from student_trainer.evaluate import (
     EvalSettings,
@@ -30,14 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CHATML = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
           "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def tiny_shards(tiny_model_dir, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("shards") / "python-docs"
-    preprocess(PreprocessConfig(inputs=["python-docs"], output=str(folder), tokenizer=str(tiny_model_dir), max_seq_length=32,
-                                val_fraction=0.1, progress=False, corpus_dir=str(tmp_path_factory.mktemp("corpora"))))
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_shards(tiny_model_dir, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("shards") / "python-docs"
-    preprocess(PreprocessConfig(inputs=["python-docs"], output=str(folder), tokenizer=str(tiny_model_dir), max_seq_length=32,
-                                val_fraction=0.1, progress=False, corpus_dir=str(tmp_path_factory.mktemp("corpora"))))
-    return folder
-
-
-@pytest.fixture(scope="module")
 def tiny_teacher(tiny_engine) -> DirectTeacher:
     return DirectTeacher(tiny_engine, k=16, temperature=1.0)
 
