@@ -18,7 +18,7 @@ def _main_job(args: argparse.Namespace) -> int:
 
     result = run_main_job(model=args.model, workdir=Path(args.workdir), teacher_url=args.teacher_url,
                           max_steps=args.max_steps, data_dir=args.data_dir, model_cache_dir=args.model_cache_dir,
-                          eval_batches=args.eval_batches)
+                          eval_batches=args.eval_batches, device=args.device)
     return 0 if result["teacher_exit_code"] in (0, None) else 1
 
 
@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     main.add_argument("--workdir", default="runs/main", help="where the run, its checkpoints, logs and report go")
     main.add_argument("--data-dir", default="data", help="where the python-docs shards are built once")
     main.add_argument("--eval-batches", type=int, default=8, help="held-out batches of 4 rows for the report")
+    main.add_argument("--device", default="auto", help="student device: auto (CUDA if available), cpu, cuda, cuda:N")
     main.add_argument("--model-cache-dir", default=DEFAULT_CACHE_DIR, help="where GGUF teachers are converted once")
     main.set_defaults(handler=_main_job)
 

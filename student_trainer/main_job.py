@@ -38,7 +38,7 @@ MAIN_JOB_TRAINING = {
 
 
 def main_job_config(workdir: Path, teacher_url: str, model: str, max_steps: int, data_dir: str,
-                    model_cache_dir: str, device: str = "cpu") -> TrainConfig:
+                    model_cache_dir: str, device: str = "auto") -> TrainConfig:
     """The training config of the main job (every other key keeps its default)."""
     values: dict[str, Any] = {
         **MAIN_JOB_TRAINING, "output_dir": str(workdir / "train"), "max_steps": max_steps, "device": device,
@@ -57,6 +57,7 @@ def run_main_job(
     data_dir: str = "data",
     model_cache_dir: str = DEFAULT_CACHE_DIR,
     eval_batches: int = 8,
+    device: str = "auto",
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline; returns ``{"train": train summary, "report": evaluation report, ...}``."""
@@ -70,7 +71,11 @@ def run_main_job(
         source = resolve_model(model, model_cache_dir)
     console.print(f"teacher weights: {source.path}")
 
-    config = main_job_config(workdir, teacher_url or "http://127.0.0.1:0", model, max_steps, data_dir, model_cache_dir)
+    from teacher_server.engines.hf import pick_device
+
+    device = pick_device(device)  # auto: CUDA when there is a GPU (compose.gpu.yml), else the CPU
+    config = main_job_config(workdir, teacher_url or "http://127.0.0.1:0", model, max_steps, data_dir, model_cache_dir,
+                             device)
     with console.status("building the python-docs corpus with the teacher's tokenizer"):
         data = prepare_data(config)
     console.print(f"training data: {data}")
@@ -95,7 +100,7 @@ def run_main_job(
 
     with console.status("evaluating the student against the teacher") as status:
         report = evaluate(EvalSettings(checkpoint=config.output_dir, data=str(data), teacher=model,
-                                       batches=eval_batches, output_dir=str(workdir / "eval"),
+                                       batches=eval_batches, output_dir=str(workdir / "eval"), device=device,
                                        model_cache_dir=model_cache_dir, max_new_tokens=40),
                           progress=status.update)
     print_report(console, report)
