@@ -92,7 +92,7 @@ def resolve_data(settings: EvalSettings, checkpoint: ResolvedCheckpoint) -> Path
     """The shard folder: ``--data``, else the run's own training data (python-docs is built if missing)."""
     if settings.data and settings.data != "python-docs":
         return Path(settings.data)
-    from student_trainer.config import load_config
+    from student_trainer.config import TrainConfig
     from student_trainer.train import prepare_data
 
     known = {k: v for k, v in checkpoint.train_config.items() if k in ("train_data", "data_dir", "max_seq_length",
@@ -103,8 +103,7 @@ def resolve_data(settings: EvalSettings, checkpoint: ResolvedCheckpoint) -> Path
         raise EvaluationError(f"{checkpoint.model_dir} records no training data; pass --data SHARDS")
     if settings.teacher:
         known["teacher_model"] = settings.teacher
-    config = load_config(None, [f"{k}={v}" for k, v in known.items()] + ["progress=false"])
-    return prepare_data(config)
+    return prepare_data(TrainConfig(**known, progress=False))
 
 
 def _token_logprobs(model_logits: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from student_trainer.config import TrainConfig, load_config
+from student_trainer.config import TrainConfig
 from student_trainer.teacher_process import LocalTeacher
 from student_trainer.tokenizer import DEFAULT_MODEL_CACHE_DIR as DEFAULT_CACHE_DIR
 from teacher_server.engines.model_source import EMBEDDED_ALIAS, resolve_model
@@ -46,7 +46,9 @@ def main_job_config(workdir: Path, teacher_url: str, model: str, max_steps: int,
         "data_dir": data_dir, "model_cache_dir": model_cache_dir, "wandb_mode": "auto",
         "warmup_steps": min(MAIN_JOB_TRAINING["warmup_steps"], max_steps // 5),  # short smoke runs (--max-steps 5)
     }
-    return load_config(None, [f"{key}={value}" for key, value in values.items()])
+    config = TrainConfig(**values)  # typed values: no round trip through key=value YAML text
+    config.check()
+    return config
 
 
 def run_main_job(
