@@ -48,8 +48,17 @@ class TrainConfig:
     distributed: Literal["ddp", "fsdp2"] = "ddp"  # ddp: a full student per rank; fsdp2: sharded (needs optimizer=adamw)
     dist_timeout_s: float = 1800.0  # how long a rank waits for the others in a collective (> teacher_deadline_s)
     # student
-    model_variant: Literal["tiny", "350M", "500M"] = "500M"
+    model_variant: Literal["tiny", "350M", "500M"] | None = None  # None: 500M (random init) or the teacher's shape
     student_vocab_size: int | None = None  # None: the teacher tokenizer's length
+    # retrofit: student_init=teacher copies the teacher's weights into a RetNet of its shape (README: Retrofit)
+    student_init: Literal["random", "teacher"] = "random"
+    retrofit_layers: list[int] | None = None  # teacher layers to keep, e.g. [0, 2, 4, ...]; None: all
+    retrofit_group_norm_eps: float = 1e-8  # the retention group norm's epsilon (parallel == recurrent needs it small)
+    retrofit_calibration_rows: int = 8  # training rows the output-gate fit and the step-0 check read
+    attention_transfer_steps: int = 0  # stage 1: steps that train only the retention on the teacher's attention
+    attention_transfer_lr: float = 1e-3
+    attention_transfer_warmup: int = 10
+    attention_transfer_loss: Literal["relative", "mse"] = "relative"
     chunkwise_recurrent: bool = False
     gradient_checkpointing: bool = False
     # data
@@ -115,9 +124,12 @@ class TrainConfig:
             raise ConfigError(f"distill_alpha must be in [0, 1] (1 = CE only), found {self.distill_alpha}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, found {self.temperature}")
-        if self.warmup_steps >= self.max_steps:
-            raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps}); "
-                              "shorten the warmup or train longer")
+        self._check_retrofit()
+        stage2_steps = self.max_steps - self.attention_transfer_steps
+        if self.warmup_steps >= stage2_steps:
+            raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be < the KD steps (max_steps "
+                              f"{self.max_steps} - attention_transfer_steps {self.attention_transfer_steps} = "
+                              f"{stage2_steps}); shorten the warmup or train longer")
         unknown = set(self.teacher_fallback) - {"direct", "cached"}
         if unknown or (self.teacher_fallback and self.teacher_mode != "network"):
             raise ConfigError(f"teacher_fallback takes direct and/or cached after teacher_mode=network, found "
@@ -133,6 +145,42 @@ class TrainConfig:
             raise ConfigError(f"dist_timeout_s ({self.dist_timeout_s}) must be > teacher_deadline_s "
                               f"({self.teacher_deadline_s}): the other ranks wait that long for a rank whose "
                               "teacher is retrying")
+
+
+    def _check_retrofit(self) -> None:
+        if self.student_init == "teacher":
+            if self.model_variant is not None:
+                raise ConfigError(f"model_variant={self.model_variant} contradicts student_init=teacher: a retrofitted "
+                                  "student has the teacher's shape (use retrofit_layers for a shallower one); drop "
+                                  "model_variant, or set student_init=random")
+            if self.student_vocab_size is not None:
+                raise ConfigError("student_vocab_size cannot be set with student_init=teacher: the student keeps the "
+                                  "teacher's embedding rows")
+        else:
+            for key in ("retrofit_layers", "attention_transfer_steps"):
+                if getattr(self, key):
+                    raise ConfigError(f"{key} needs student_init=teacher (a student built from the teacher's weights), "
+                                      f"found {key}={getattr(self, key)} with student_init={self.student_init}")
+        if self.retrofit_layers is not None and not all(isinstance(i, int) and not isinstance(i, bool)
+                                                        for i in self.retrofit_layers):
+            raise ConfigError(f"retrofit_layers must be a list of teacher layer indices, found {self.retrofit_layers}")
+        if not self.retrofit_group_norm_eps > 0:
+            raise ConfigError(f"retrofit_group_norm_eps must be > 0, found {self.retrofit_group_norm_eps}")
+        if self.retrofit_calibration_rows < 1:
+            raise ConfigError(f"retrofit_calibration_rows must be >= 1, found {self.retrofit_calibration_rows}")
+        if not 0 <= self.attention_transfer_steps < self.max_steps:
+            raise ConfigError(f"attention_transfer_steps must be in [0, max_steps={self.max_steps}) (stage 2 needs "
+                              f"at least one step), found {self.attention_transfer_steps}")
+        if self.attention_transfer_steps and not 0 <= self.attention_transfer_warmup < self.attention_transfer_steps:
+            raise ConfigError(f"attention_transfer_warmup ({self.attention_transfer_warmup}) must be in [0, "
+                              f"attention_transfer_steps={self.attention_transfer_steps})")
+        if self.attention_transfer_lr <= 0:
+            raise ConfigError(f"attention_transfer_lr must be > 0, found {self.attention_transfer_lr}")
+
+    @property
+    def student_preset(self) -> str:
+        """The preset of a random-init student (``model_variant``, default 500M)."""
+        return self.model_variant or "500M"
 
 
 def _field_types(cls: type | None = None) -> dict[str, Any]:

@@ -73,7 +73,11 @@ class _FP32RelPos(RetNetRelPos):
         # TorchScale's own formula, evaluated on the CPU in fp32 whatever the ambient device/dtype.
         with torch.device("cpu"):
             fresh = RetNetRelPos(self.args)
-        self.register_buffer("angle", fresh.angle.to(device, torch.float32), persistent=False)
+        angle = fresh.angle
+        inv_freq = getattr(self.args, "rotary_inv_freq", None)
+        if inv_freq is not None:  # a teacher's table; TorchScale pairs dims (2i, 2i+1) with angle i
+            angle = torch.tensor(inv_freq, dtype=torch.float32).repeat_interleave(2)
+        self.register_buffer("angle", angle.to(device, torch.float32), persistent=False)
         self.register_buffer("decay", fresh.decay.to(device, torch.float32), persistent=False)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
@@ -87,10 +91,21 @@ class _FP32RelPos(RetNetRelPos):
 
 
 class _Retention(MultiScaleRetention):
-    """Multi-scale retention with the upstream normaliser and a prompt-state capture for ``prefill``."""
+    """Multi-scale retention with the upstream normaliser and a prompt-state capture for ``prefill``;
+    optionally its own group-norm epsilon and q/k/v biases (``StudentConfig.group_norm_eps``, ``qkv_bias``)."""
 
     capture_state = False  # set by RetNetStudent.prefill around one parallel pass
     captured: dict[str, torch.Tensor] | None = None
+
+    def __init__(self, args: RetNetConfig, embed_dim: int, value_dim: int, num_heads: int) -> None:
+        super().__init__(args, embed_dim, value_dim, num_heads)
+        group_norm_eps = getattr(args, "group_norm_eps", None)
+        if group_norm_eps is not None:
+            self.group_norm.eps = group_norm_eps
+        if getattr(args, "qkv_bias", False):
+            for name in ("q_proj", "k_proj", "v_proj"):
+                linear = getattr(self, name)
+                linear.bias = nn.Parameter(torch.zeros(linear.out_features))
 
     def parallel_forward(self, qr, kr, v, mask):
         """qr, kr: [B, H, L, dk] fp32 (rotated); v: [B, L, H*dv]; mask: [H, L, L] -> [B, L, H, dv]."""
@@ -182,6 +197,10 @@ class RetNetStudent(nn.Module):
             no_scale_embedding=True,
             max_target_positions=config.max_seq_len,
         )
+        # Read by our subclasses (_Retention, _FP32RelPos); TorchScale's config has no such fields.
+        args.group_norm_eps = config.group_norm_eps
+        args.rotary_inv_freq = config.rotary_inv_freq
+        args.qkv_bias = config.qkv_bias
         embed = nn.Embedding(config.vocab_size, config.d_model)
         # N(0, d^-0.5): tied with the head, this starts near log(V) loss (N(0, 1) starts at ~500).
         nn.init.normal_(embed.weight, mean=0.0, std=config.d_model**-0.5)

@@ -36,6 +36,13 @@ class StudentConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = True
     layernorm_eps: float = 1e-6
+    # The retention's per-head group norm; None: layernorm_eps. A retrofitted student needs a much
+    # smaller one (1e-8): with teacher-sized q.k the parallel and recurrent paths otherwise disagree.
+    group_norm_eps: float | None = None
+    # Rotary frequencies, one per pair of key dims (key_head_dim // 2 values); None: TorchScale's own
+    # table. A retrofitted student carries its teacher's (rope_theta, rope scaling), which it must keep.
+    rotary_inv_freq: list[float] | None = None
+    qkv_bias: bool = False  # biases on q/k/v (Qwen2-style teachers)
     gradient_checkpointing: bool = False
     preset: str | None = field(default=None, compare=False)
 
@@ -68,6 +75,13 @@ class StudentConfig:
                 raise ValueError(f"StudentConfig.{name} must be in [0, 1), found {value!r}.")
         if not self.layernorm_eps > 0:
             raise ValueError(f"StudentConfig.layernorm_eps must be > 0, found {self.layernorm_eps!r}.")
+        if self.group_norm_eps is not None and not self.group_norm_eps > 0:
+            raise ValueError(f"StudentConfig.group_norm_eps must be > 0 or None, found {self.group_norm_eps!r}.")
+        if self.rotary_inv_freq is not None:
+            self.rotary_inv_freq = [float(x) for x in self.rotary_inv_freq]
+            if len(self.rotary_inv_freq) != self.key_head_dim // 2:
+                raise ValueError(f"StudentConfig.rotary_inv_freq must hold key_head_dim / 2 = {self.key_head_dim // 2} "
+                                 f"frequencies, found {len(self.rotary_inv_freq)}.")
 
     @property
     def key_head_dim(self) -> int:
@@ -130,10 +144,10 @@ def count_parameters(config: StudentConfig) -> int:
     """Closed-form parameter count of a student built from ``config`` (tied embedding counted once).
 
     Per layer: q, k (d x d), v, g (d x dv), out (dv x d), SwiGLU fc1, gate (d x f), fc2 (f x d) and
-    two RMSNorm weights (d); the retention group norm has no weights. Plus the embedding (V x d),
+    two RMSNorm weights (d), q/k/v biases (2d + dv) with ``qkv_bias``; the retention group norm has no weights. Plus the embedding (V x d),
     an untied head (V x d) when not tied, and the final RMSNorm (d).
     """
     d, dv, f, vocab = config.d_model, config.value_dim, config.ffn_dim, config.vocab_size
-    per_layer = 2 * d * d + 3 * d * dv + 3 * d * f + 2 * d
+    per_layer = 2 * d * d + 3 * d * dv + 3 * d * f + 2 * d + ((2 * d + dv) if config.qkv_bias else 0)
     head = 0 if config.tie_embeddings else vocab * d
     return vocab * d + head + config.n_layers * per_layer + d

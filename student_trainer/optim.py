@@ -181,10 +181,11 @@ class LRController:
     """
 
     def __init__(self, optimizers: list[torch.optim.Optimizer], config: OptimConfig,
-                 multiplier: Callable[[int], float] | None = None) -> None:
+                 multiplier: Callable[[int], float] | None = None, first_step: int = 0) -> None:
         self.optimizers = optimizers
         self.config = config
         self.multiplier = multiplier
+        self.first_step = first_step  # the schedule starts here (a second training stage starts mid-run)
         self.last_step: int | None = None
         for group in param_groups(optimizers):
             group.setdefault("base_lr", group["lr"])  # optimisers built elsewhere: their lr is the peak
@@ -192,7 +193,7 @@ class LRController:
     def factor(self, step: int) -> float:
         """The schedule factor at ``step`` (without the intervention multiplier)."""
         c = self.config
-        return lr_factor(step, c.warmup_steps, c.total_steps, c.min_lr_ratio)
+        return lr_factor(step - self.first_step, c.warmup_steps, c.total_steps, c.min_lr_ratio)
 
     def apply(self, step: int) -> dict[str, float]:
         """Set the LRs for optimiser step ``step``; call before ``optimizer.step()``. Returns :func:`group_lrs`."""

@@ -99,6 +99,13 @@ class Telemetry:
         else:
             self._progress.console.print(f"[yellow]{message}")
 
+    def print(self, text: str) -> None:
+        """A line for the person watching (rank 0's console; the log elsewhere or without a progress bar)."""
+        if self.enabled and not self._progress.disable:
+            self._progress.console.print(text, highlight=False, markup=False)
+        else:
+            log.info(text)
+
     def progress(self, step: int, loss: float, tokens_per_s: float, teacher_share: float) -> None:
         status = f"loss {loss:.3f}  {tokens_per_s:,.0f} tok/s  teacher {100 * teacher_share:.0f}%"
         self._progress.update(self._task, completed=step, status=status)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from student_trainer.attention_transfer import AttentionTransfer, set_stage_trainable
 from student_trainer.checkpoint import load_checkpoint, resolve_resume
 from student_trainer.config import TrainConfig, config_to_dict
 from student_trainer.data.sampler import ShardSampler
@@ -102,12 +103,45 @@ def check_data(config: TrainConfig, folder: Path, manifest: dict[str, Any], teac
 
 
 def build_student(config: TrainConfig, vocab_size: int, device: torch.device) -> RetNetStudent:
+    """A random-init student of the ``model_variant`` preset."""
     student_config = StudentConfig.from_preset(
-        config.model_variant, vocab_size=config.student_vocab_size or vocab_size,
+        config.student_preset, vocab_size=config.student_vocab_size or vocab_size,
         max_seq_len=max(config.max_seq_length, 16), chunkwise_recurrent=config.chunkwise_recurrent,
         gradient_checkpointing=config.gradient_checkpointing,
     )
     return RetNetStudent(student_config).to(device)
+
+
+def retrofit_teacher(config: TrainConfig, teacher: TeacherSource, tokenizer_sha256: str) -> tuple[nn.Module, bool]:
+    """The teacher as a HF causal LM in this process, for the retrofit and stage 1: the direct teacher's
+    own model, else loaded from ``teacher_model``; and whether it was loaded here (to free it after)."""
+    engine = getattr(teacher, "engine", None)
+    if engine is not None and hasattr(engine, "model"):
+        return engine.model, False
+    from student_trainer.retrofit import load_teacher_lm
+    from teacher_server.engines.hf import pick_device
+
+    teacher_lm, _, sha = load_teacher_lm(config.teacher_model, config.model_cache_dir, pick_device(config.teacher_device))
+    if sha != tokenizer_sha256:
+        raise ValueError(f"the retrofit teacher {config.teacher_model} has tokenizer sha256 {sha[:12]}... but the data "
+                         f"{tokenizer_sha256[:12]}...; teacher_model must be the model the {config.teacher_mode} "
+                         "teacher serves")
+    return teacher_lm, True
+
+
+def build_retrofitted_student(config: TrainConfig, teacher_lm: nn.Module, dataset: PretokenizedShardDataset,
+                              device: torch.device) -> tuple[RetNetStudent, dict[str, Any]]:
+    """A student of the teacher's shape with its weights (``student_init=teacher``), the output gates
+    fitted on the first ``retrofit_calibration_rows`` training rows; returns it and the step-0 report."""
+    from student_trainer.retrofit import retrofit
+
+    order = ShardSampler(len(dataset), shuffle=False)
+    calibration = Batch.from_rows([dataset[i] for i in order.take(min(config.retrofit_calibration_rows, len(dataset)))])
+    student, report = retrofit(teacher_lm, calibration.input_ids, calibration.lengths, layers=config.retrofit_layers,
+                               group_norm_eps=config.retrofit_group_norm_eps, device=device,
+                               max_seq_len=max(config.max_seq_length, 16), chunkwise_recurrent=config.chunkwise_recurrent,
+                               gradient_checkpointing=config.gradient_checkpointing)
+    return student.to(device), report
 
 
 def optim_config(config: TrainConfig) -> OptimConfig:
@@ -163,7 +197,7 @@ class UpcomingBatches:
     def __init__(self, dataset: PretokenizedShardDataset, sampler: ShardSampler, batch_size: int,
                  teacher: TeacherSource, depth: int) -> None:
         self.dataset, self.sampler, self.batch_size, self.teacher = dataset, sampler, batch_size, teacher
-        self.depth = depth if hasattr(teacher, "prefetch") else 0
+        self.set_depth(depth)
         self._queue: collections.deque[tuple[dict[str, Any], Batch]] = collections.deque()
 
     def next(self) -> Batch:
@@ -174,6 +208,10 @@ class UpcomingBatches:
                 self.teacher.prefetch(batch.input_ids, batch.lengths, batch.indices)
             self._queue.append((state, batch))
         return self._queue.popleft()[1]
+
+    def set_depth(self, depth: int) -> None:
+        """Read ``depth`` batches ahead from now on (0 turns prefetching off)."""
+        self.depth = depth if hasattr(self.teacher, "prefetch") else 0
 
     def sampler_state(self) -> dict[str, Any]:
         return self._queue[0][0] if self._queue else self.sampler.state_dict()
@@ -225,8 +263,10 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
     seed_everything(config.seed)  # the same seed on every rank: the same initial student
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if device.type == "cuda" and config.precision in ("auto", "bf16") else nullcontext())
+    # bf16 autocast (fp32 weights): the default on CUDA; on CPUs asked for with precision=bf16 (~2x faster
+    # for the student where the CPU has bf16 instructions, DESIGN.md section 14)
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     switches: list[dict[str, str]] = []  # teacher switches, logged as events by the loop
     owns_teacher = teacher is None
@@ -243,22 +283,44 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
     sampler = ShardSampler(len(train_set), seed=config.seed, rank=dist.rank, world_size=dist.world_size)
 
     resume_from = resolve_resume(config.resume, output_dir)
+    start_step = resumed_step(resume_from)
+    stage1_steps = config.attention_transfer_steps  # steps [0, stage1_steps): attention transfer; then KD
+    if start_step < stage1_steps and dist.enabled:
+        raise ValueError("attention transfer (stage 1) runs in one process: run it without torchrun (e.g. "
+                         "stop_at_step=attention_transfer_steps), then resume stage 2 under torchrun")
+    teacher_lm, owns_teacher_lm, retrofit_report = None, False, None
+    if config.student_init == "teacher" and (resume_from is None or start_step < stage1_steps):
+        teacher_lm, owns_teacher_lm = retrofit_teacher(config, teacher, manifest["tokenizer_sha256"])
     if resume_from is not None:
         model = RetNetStudent.load(resume_from / "model", device=device)
+    elif config.student_init == "teacher":
+        model, retrofit_report = build_retrofitted_student(config, teacher_lm, train_set, device)
     else:
         model = build_student(config, teacher.vocab_size, device)
     losses = loss_config(config)
     # DDP / FSDP2 wrapper (or the plain step); the optimisers come after it, as FSDP2 replaces the parameters
     trainable = dist.wrap(DistillStep(model, losses, device, autocast), model.decoder.layers)
-    optimizers = build_optimizers(model, optim_config(config))
     detector = SaddleDetector(health_config(config))
     guard = NonFiniteGuard.from_config(detector.config)
-    lr_control = LRController(optimizers, optim_config(config), multiplier=detector.multiplier)
-    start_step, tokens_seen = 0, 0
+
+    def stage_optimizers(step: int) -> tuple[list[torch.optim.Optimizer], LRController]:
+        """Stage 1 (retention projections only, its own LR schedule) or stage 2 (everything, KD)."""
+        set_stage_trainable(model, retention_only=step < stage1_steps)
+        if step < stage1_steps:
+            settings = dataclasses.replace(optim_config(config), lr=config.attention_transfer_lr,
+                                           warmup_steps=config.attention_transfer_warmup, total_steps=stage1_steps)
+            built = build_optimizers(model, settings)
+            return built, LRController(built, settings)
+        settings = dataclasses.replace(optim_config(config), total_steps=config.max_steps - stage1_steps)
+        built = build_optimizers(model, settings)
+        return built, LRController(built, settings, multiplier=detector.multiplier, first_step=stage1_steps)
+
+    optimizers, lr_control = stage_optimizers(start_step)
+    tokens_seen = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, optimizers)
         dist.shard_loaded_optimizer_state(optimizers)
-        start_step, tokens_seen = state["step"], state["tokens_seen"]
+        tokens_seen = state["tokens_seen"]
         sampler.load_state_dict(state["sampler"])  # refuses a checkpoint of another world size by name
         if "rank_samplers" in state:
             sampler.load_state_dict(state["rank_samplers"][dist.rank])
@@ -273,8 +335,16 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
                                "student_parameters": model.num_parameters(), "teacher": teacher.name,
                                "train_rows": len(train_set), "data": str(data_dir), "world_size": dist.world_size,
                                "rows_per_step": config.batch_size * dist.world_size * config.grad_accum_steps})
+    if retrofit_report is not None:
+        telemetry.event(0, "retrofit", retrofit_report.to_dict())
+        for line in retrofit_report.lines():
+            telemetry.print(line)
+    transfer = (AttentionTransfer(model, teacher_lm, retrofit_layer_map(config, teacher_lm), config.attention_transfer_loss,
+                                  autocast) if start_step < stage1_steps else None)
     evaluator = Evaluator(val_set or train_set, teacher, losses, config, device, autocast)
-    upcoming = UpcomingBatches(train_set, sampler, config.batch_size, teacher, config.prefetch_depth)
+    # no teacher targets are needed in stage 1: prefetching starts with stage 2
+    upcoming = UpcomingBatches(train_set, sampler, config.batch_size, teacher,
+                               0 if transfer is not None else config.prefetch_depth)
 
     def trainer_state(sampler_state: dict[str, Any] | None = None) -> dict[str, Any]:
         sampler_state = sampler_state or upcoming.sampler_state()
@@ -297,6 +367,14 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
             step_start_state, step_rows = upcoming.sampler_state(), []
             for micro in range(config.grad_accum_steps):
                 batch = upcoming.next()
+                if transfer is not None:
+                    out = transfer(batch.input_ids, batch.lengths)
+                    teacher_seconds += out.teacher_seconds
+                    (out.loss / config.grad_accum_steps).backward()
+                    micro_metrics.append(out.metrics("train/"))
+                    step_rows.extend(batch.indices.tolist())
+                    step_tokens += int(batch.lengths.sum())
+                    continue
                 teacher_started = time.perf_counter()
                 try:
                     targets, lost = teacher.targets_for(batch.input_ids, batch.lengths, batch.indices), None
@@ -338,7 +416,8 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             tokens_seen += step_tokens
-            event = detector.update(step, metrics["train/total"], grad_norm)
+            # the plateau detector watches the KD loss only (stage 1's loss is on another scale)
+            event = detector.update(step, metrics["train/total"], grad_norm) if step >= stage1_steps else None
             if event is not None:
                 telemetry.event(step + 1, "saddle_intervention", event.to_dict())
 
@@ -347,17 +426,26 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
             metrics.update({"data/rows": step_rows, "train/grad_norm": grad_norm, "train/tokens_per_s": step_tokens / seconds,
                             "train/step_seconds": seconds, "teacher/seconds": teacher_seconds,
                             "teacher/share": teacher_seconds / seconds, "train/tokens_seen": tokens_seen,
-                            "train/lr_multiplier": detector.multiplier(step),
+                            "train/lr_multiplier": detector.multiplier(step), "train/stage": 1 if step < stage1_steps else 2,
                             **{f"teacher/{key}": value for key, value in getattr(teacher, "stats", {}).items()},
                             **{f"lr/{name}": value for name, value in lrs.items()}})
             telemetry.progress(done, metrics["train/total"], metrics["train/tokens_per_s"], metrics["teacher/share"])
+            if transfer is not None and done == stage1_steps:
+                # stage 1 -> stage 2 (KD of every parameter), before the boundary checkpoint so that it
+                # holds stage 2's optimisers and a resume from it continues exactly
+                transfer = None
+                if owns_teacher_lm:
+                    teacher_lm = None  # the in-process copy is not needed any more
+                optimizers, lr_control = stage_optimizers(done)
+                upcoming.set_depth(config.prefetch_depth)
+                telemetry.event(done, "stage_2", {"what": "attention transfer done; KD of all parameters"})
             if done % config.log_every == 0 or done == config.max_steps:
                 telemetry.log(done, {**metrics, **memory_metrics(device)})
             if done % config.eval_every == 0 or done == config.max_steps:
                 last = {**metrics, **evaluator.run(trainable)}
                 telemetry.log(done, {k: v for k, v in last.items() if k.startswith("eval/")})
             stopping = done == config.stop_at_step
-            if done % config.save_every == 0 or done == config.max_steps or stopping:
+            if done % config.save_every == 0 or done in (config.max_steps, stage1_steps) or stopping:
                 dist.save_checkpoint(output_dir, done, model, optimizers, trainer_state(), config.keep_last)
             if stopping:
                 telemetry.log(done, {"event": "stop", "reason": f"stop_at_step={done}; resume=auto continues"})
@@ -372,6 +460,24 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
     final = output_dir / "checkpoints" / f"step-{done:08d}"
     return {"output_dir": str(output_dir), "checkpoint": str(final), "steps": done, "metrics": last,
             "saddle_events": [e.to_dict() for e in detector.events], "skipped_steps": guard.total_skipped}
+
+
+def resumed_step(checkpoint: Path | None) -> int:
+    """The step a checkpoint resumes at (0 without one)."""
+    if checkpoint is None:
+        return 0
+    import json
+
+    from student_trainer.checkpoint import STATE_FILE
+
+    return int(json.loads((checkpoint / STATE_FILE).read_text())["step"])
+
+
+def retrofit_layer_map(config: TrainConfig, teacher_lm: nn.Module) -> list[int]:
+    """The teacher layer each student layer was copied from."""
+    from student_trainer.retrofit import resolve_layers, teacher_backbone
+
+    return resolve_layers(config.retrofit_layers, len(teacher_backbone(teacher_lm).layers))
 
 
 class Evaluator:
