@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_cache.py
 	$(BIN)/python benchmarks/bench_modes.py
+	$(BIN)/python benchmarks/bench_retrofit.py
 
 clean:
 	rm -rf $(VENV) *.egg-info runs

@@ -7,6 +7,10 @@ import os
 import sys
 from pathlib import Path
 
+# Before torch starts OpenMP: on a shared machine, spinning OpenMP threads slowed one forward from
+# 0.27 s to 7 s (DESIGN.md section 14). A value set by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def _main_job(args: argparse.Namespace) -> int:
     import signal
@@ -18,7 +22,7 @@ def _main_job(args: argparse.Namespace) -> int:
 
     result = run_main_job(model=args.model, workdir=Path(args.workdir), teacher_url=args.teacher_url,
                           max_steps=args.max_steps, data_dir=args.data_dir, model_cache_dir=args.model_cache_dir,
-                          eval_batches=args.eval_batches, device=args.device)
+                          eval_batches=args.eval_batches, device=args.device, student=args.student)
     return 0 if result["teacher_exit_code"] in (0, None) else 1
 
 
@@ -167,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     main = commands.add_parser("main", help="the whole pipeline on embedded defaults (what `make run` runs)")
     main.add_argument("--model", default=EMBEDDED_ALIAS, help="teacher model (default: the embedded SmolLM2)")
     main.add_argument("--teacher-url", default=None, help="use this running teacher service instead of starting one")
-    main.add_argument("--max-steps", type=int, default=300, help="training steps of the tiny student")
+    main.add_argument("--student", choices=["retrofit", "tiny"], default="retrofit",
+                      help="retrofit: a RetNet with the teacher's weights (attention transfer, then KD; the default); "
+                           "tiny: the 3.3M-parameter random-init student, for comparison")
+    main.add_argument("--max-steps", type=int, default=None,
+                      help="training steps (default: 78 for retrofit, of which 60 attention transfer; 300 for tiny)")
     main.add_argument("--workdir", default="runs/main", help="where the run, its checkpoints, logs and report go")
     main.add_argument("--data-dir", default="data", help="where the python-docs shards are built once")
     main.add_argument("--eval-batches", type=int, default=8, help="held-out batches of 4 rows for the report")

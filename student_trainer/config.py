@@ -51,7 +51,8 @@ class TrainConfig:
     model_variant: Literal["tiny", "350M", "500M"] | None = None  # None: 500M (random init) or the teacher's shape
     student_vocab_size: int | None = None  # None: the teacher tokenizer's length
     # retrofit: student_init=teacher copies the teacher's weights into a RetNet of its shape (README: Retrofit)
-    student_init: Literal["random", "teacher"] = "random"
+    # (teacher_shape: random weights in the teacher's shape, the ablation of the retrofit)
+    student_init: Literal["random", "teacher", "teacher_shape"] = "random"
     retrofit_layers: list[int] | None = None  # teacher layers to keep, e.g. [0, 2, 4, ...]; None: all
     retrofit_group_norm_eps: float = 1e-8  # the retention group norm's epsilon (parallel == recurrent needs it small)
     retrofit_calibration_rows: int = 8  # training rows the output-gate fit and the step-0 check read
@@ -148,19 +149,21 @@ class TrainConfig:
 
 
     def _check_retrofit(self) -> None:
-        if self.student_init == "teacher":
+        if self.student_init != "random":
             if self.model_variant is not None:
-                raise ConfigError(f"model_variant={self.model_variant} contradicts student_init=teacher: a retrofitted "
-                                  "student has the teacher's shape (use retrofit_layers for a shallower one); drop "
+                raise ConfigError(f"model_variant={self.model_variant} contradicts student_init={self.student_init}: "
+                                  "that student has the teacher's shape (use retrofit_layers for a shallower one); drop "
                                   "model_variant, or set student_init=random")
             if self.student_vocab_size is not None:
-                raise ConfigError("student_vocab_size cannot be set with student_init=teacher: the student keeps the "
-                                  "teacher's embedding rows")
-        else:
-            for key in ("retrofit_layers", "attention_transfer_steps"):
-                if getattr(self, key):
-                    raise ConfigError(f"{key} needs student_init=teacher (a student built from the teacher's weights), "
-                                      f"found {key}={getattr(self, key)} with student_init={self.student_init}")
+                raise ConfigError(f"student_vocab_size cannot be set with student_init={self.student_init}: the student "
+                                  "keeps the teacher's embedding rows")
+        elif self.retrofit_layers:
+            raise ConfigError(f"retrofit_layers needs student_init=teacher (or teacher_shape), found "
+                              f"retrofit_layers={self.retrofit_layers} with student_init=random")
+        if self.attention_transfer_steps and self.student_init != "teacher":
+            raise ConfigError(f"attention_transfer_steps needs student_init=teacher (a student built from the teacher's "
+                              f"weights), found attention_transfer_steps={self.attention_transfer_steps} with "
+                              f"student_init={self.student_init}")
         if self.retrofit_layers is not None and not all(isinstance(i, int) and not isinstance(i, bool)
                                                         for i in self.retrofit_layers):
             raise ConfigError(f"retrofit_layers must be a list of teacher layer indices, found {self.retrofit_layers}")

@@ -102,13 +102,16 @@ def check_data(config: TrainConfig, folder: Path, manifest: dict[str, Any], teac
                          f"{config.max_seq_length}; set max_seq_length={manifest['max_seq_length']}")
 
 
+def student_behaviour(config: TrainConfig) -> dict[str, Any]:
+    """The :class:`StudentConfig` fields the training config sets whatever the student's shape."""
+    return {"max_seq_len": max(config.max_seq_length, 16), "chunkwise_recurrent": config.chunkwise_recurrent,
+            "gradient_checkpointing": config.gradient_checkpointing}
+
+
 def build_student(config: TrainConfig, vocab_size: int, device: torch.device) -> RetNetStudent:
     """A random-init student of the ``model_variant`` preset."""
     student_config = StudentConfig.from_preset(
-        config.student_preset, vocab_size=config.student_vocab_size or vocab_size,
-        max_seq_len=max(config.max_seq_length, 16), chunkwise_recurrent=config.chunkwise_recurrent,
-        gradient_checkpointing=config.gradient_checkpointing,
-    )
+        config.student_preset, vocab_size=config.student_vocab_size or vocab_size, **student_behaviour(config))
     return RetNetStudent(student_config).to(device)
 
 
@@ -138,9 +141,7 @@ def build_retrofitted_student(config: TrainConfig, teacher_lm: nn.Module, datase
     order = ShardSampler(len(dataset), shuffle=False)
     calibration = Batch.from_rows([dataset[i] for i in order.take(min(config.retrofit_calibration_rows, len(dataset)))])
     student, report = retrofit(teacher_lm, calibration.input_ids, calibration.lengths, layers=config.retrofit_layers,
-                               group_norm_eps=config.retrofit_group_norm_eps, device=device,
-                               max_seq_len=max(config.max_seq_length, 16), chunkwise_recurrent=config.chunkwise_recurrent,
-                               gradient_checkpointing=config.gradient_checkpointing)
+                               group_norm_eps=config.retrofit_group_norm_eps, device=device, **student_behaviour(config))
     return student.to(device), report
 
 
@@ -289,12 +290,18 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
         raise ValueError("attention transfer (stage 1) runs in one process: run it without torchrun (e.g. "
                          "stop_at_step=attention_transfer_steps), then resume stage 2 under torchrun")
     teacher_lm, owns_teacher_lm, retrofit_report = None, False, None
-    if config.student_init == "teacher" and (resume_from is None or start_step < stage1_steps):
+    if config.student_init != "random" and (resume_from is None or start_step < stage1_steps):
         teacher_lm, owns_teacher_lm = retrofit_teacher(config, teacher, manifest["tokenizer_sha256"])
     if resume_from is not None:
         model = RetNetStudent.load(resume_from / "model", device=device)
     elif config.student_init == "teacher":
         model, retrofit_report = build_retrofitted_student(config, teacher_lm, train_set, device)
+    elif config.student_init == "teacher_shape":  # the retrofit's ablation: the shape without the weights
+        from student_trainer.retrofit import student_config_for
+
+        model = RetNetStudent(student_config_for(teacher_lm, config.retrofit_layers, config.retrofit_group_norm_eps,
+                                                 **student_behaviour(config))).to(device)
+        teacher_lm = None
     else:
         model = build_student(config, teacher.vocab_size, device)
     losses = loss_config(config)
@@ -336,7 +343,7 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
                                "train_rows": len(train_set), "data": str(data_dir), "world_size": dist.world_size,
                                "rows_per_step": config.batch_size * dist.world_size * config.grad_accum_steps})
     if retrofit_report is not None:
-        telemetry.event(0, "retrofit", retrofit_report.to_dict())
+        telemetry.log(0, {"event": "retrofit", **retrofit_report.to_dict()})
         for line in retrofit_report.lines():
             telemetry.print(line)
     transfer = (AttentionTransfer(model, teacher_lm, retrofit_layer_map(config, teacher_lm), config.attention_transfer_loss,

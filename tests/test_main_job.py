@@ -1,7 +1,8 @@
 """The README's main job, end to end on the real embedded teacher (starts and stops a real server).
 
 A short run (a few steps) of exactly the pipeline `make run` runs: teacher service, python-docs
-corpus, network-mode distillation, evaluation, report. The full-length run's timing is in
+corpus, the retrofitted student (2 steps of attention transfer, 2 of network-mode KD), evaluation,
+report. The full-length run's timing is in
 benchmarks/RESULTS.md.
 """
 
@@ -27,10 +28,12 @@ def test_main_job_runs_the_whole_pipeline_and_stops_the_service(tmp_path, capsys
     assert "perplexity" in out and "KL(teacher || student)" in out and "student:" in out
     assert "Application shutdown complete" in (workdir / "teacher.log").read_text()
 
+    assert "retrofitting a RetNet student" in out and "student layer <- teacher layer" in out
     records = [json.loads(line) for line in (workdir / "train" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "train/total" in r]
-    assert [r["step"] for r in steps] == [4]  # log_every=10: the last step is always logged
-    assert steps[0]["teacher/requests"] >= 4  # the targets came over HTTP from the service
+    steps = [r for r in records if "train/total" in r and "train/stage" in r]
+    assert [r["step"] for r in steps] == [4]  # log_every=5: the last step is always logged
+    assert steps[0]["train/stage"] == 2 and any(r.get("event") == "stage_2" and r["step"] == 2 for r in records)
+    assert steps[0]["teacher/requests"] >= 4  # stage 2's targets came over HTTP from the service
     assert (workdir / "train" / "checkpoints" / "step-00000004" / "model" / "model.safetensors").is_file()
 
     report = json.loads((workdir / "eval" / "report.json").read_text())

@@ -232,6 +232,11 @@ def test_stage1_trains_only_the_retention_then_stage2_everything(tmp_path, tiny_
     assert not torch.equal(boundary.decoder.layers[0].retention.q_proj.weight, start.decoder.layers[0].retention.q_proj.weight)
     assert not torch.equal(final.embed_tokens.weight, boundary.embed_tokens.weight)  # stage 2 trains everything
     assert not torch.equal(final.decoder.layers[1].ffn.fc1.weight, boundary.decoder.layers[1].ffn.fc1.weight)
+    # after training, on real text: the recurrent path the generator uses is the parallel one
+    from student_trainer.data.shards import PretokenizedShardDataset
+
+    row = PretokenizedShardDataset(tiny_shards, "val")[0]
+    assert recurrent_parallel_difference(final.eval(), row["input_ids"][: row["length"]]) <= 1e-3
 
 
 @pytest.mark.parametrize("stop", [3, 6, 8])  # inside stage 1, at the boundary, inside stage 2
@@ -253,6 +258,9 @@ def test_resume_across_the_stages_gives_the_same_losses(tmp_path, tiny_shards, t
     ({"model_variant": "tiny"}, "contradicts student_init=teacher"),
     ({"student_vocab_size": 400}, "student_vocab_size cannot be set"),
     ({"student_init": "random", "model_variant": "tiny"}, "attention_transfer_steps needs student_init=teacher"),
+    ({"student_init": "teacher_shape"}, "attention_transfer_steps needs student_init=teacher"),
+    ({"student_init": "random", "model_variant": "tiny", "attention_transfer_steps": 0, "retrofit_layers": [0]},
+     "retrofit_layers needs student_init=teacher"),
     ({"attention_transfer_steps": 10}, r"attention_transfer_steps must be in \[0, max_steps=10\)"),
     ({"attention_transfer_warmup": 6}, "attention_transfer_warmup"),
     ({"retrofit_layers": ["a"]}, "list of teacher layer indices"),
@@ -261,6 +269,14 @@ def test_bad_retrofit_settings_are_refused_before_training(tmp_path, tiny_shards
     with pytest.raises(ConfigError, match=message):
         retrofit_config(tmp_path / "run", tiny_shards, **overrides)
     assert not (tmp_path / "run").exists()
+
+
+def test_teacher_shape_is_the_retrofit_without_the_weights(tmp_path, tiny_shards, tiny_teacher) -> None:
+    summary = train(retrofit_config(tmp_path / "run", tiny_shards, student_init="teacher_shape", attention_transfer_steps=0,
+                                    max_steps=2), teacher=tiny_teacher)
+    student = RetNetStudent.load(Path(summary["checkpoint"]) / "model")
+    assert student.config == student_config_for(tiny_teacher.engine.model, max_seq_len=32)
+    assert not torch.allclose(student.embed_tokens.weight, tiny_teacher.engine.model.model.embed_tokens.weight, atol=0.01)
 
 
 def test_layers_outside_the_teacher_fail_before_anything_is_written(tmp_path, tiny_shards, tiny_teacher) -> None:
@@ -279,7 +295,9 @@ def test_the_embedded_teacher_maps_exactly() -> None:
     ids = torch.tensor([tokenizer("Python's `pass` statement does nothing; it is a placeholder where a statement "
                                   "is required but no code needs to run.")["input_ids"]])
     student, report = retrofit(teacher, ids)
-    assert student.num_parameters() == 134_515_008 + 30 * 576 * 576  # the teacher's weights plus the g_proj gates
+    # the teacher's 134.5M weights, k/v expanded from 3 KV heads to 9, plus the g_proj gates
+    assert student.num_parameters() == sum(p.numel() for p in teacher.parameters()) + 30 * (2 * 576 * (576 - 192) + 576 * 576)
+    assert student.num_parameters() == 157_739_328
     with torch.no_grad(), softmax_mixer(student):
         ours = _logprobs(student(ids), 49_152)
     torch.testing.assert_close(ours, _logprobs(teacher(ids).logits, 49_152), atol=1e-4, rtol=0)

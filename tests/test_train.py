@@ -103,7 +103,8 @@ def test_config_keys_and_values_are_checked(tmp_path) -> None:
         load_config(None, ["teacher_topK=5"])
     with pytest.raises(ConfigError, match="warmup_steps"):
         load_config(None, ["max_steps=10", "warmup_steps=10"])
-    for path in ("configs/train_cpu.yaml", "configs/train_direct.yaml"):
+    for path in ("configs/train_cpu.yaml", "configs/train_direct.yaml", "configs/train_retrofit.yaml",
+                 "configs/train_cached.yaml", "configs/train_network.yaml"):
         load_config(Path(__file__).resolve().parents[1] / path)
     assert cli_main(["train", "--config", "configs/train_cpu.yaml", "distil_alpha=0.5"]) == 2
 
