@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from student_trainer.model import RetNetStudent
-from student_trainer.retrofit import _valid_rows, capture_attention, retention_output
+from student_trainer.retrofit import valid_rows, capture_attention, retention_output
 
 TRANSFER_LOSSES = ("relative", "mse")
 RETENTION_PARAMETER = ".retention."
@@ -85,8 +85,8 @@ class AttentionTransfer:
         for j, tap in enumerate(taps):
             with self.autocast:
                 ours = retention_output(self.student, j, tap.inputs.to(device))
-            ours = _valid_rows(ours.float(), lengths)
-            theirs = _valid_rows(tap.outputs.to(device), lengths)
+            ours = valid_rows(ours.float(), lengths)
+            theirs = valid_rows(tap.outputs.to(device), lengths)
             squared = (ours - theirs).pow(2)
             losses.append(squared.sum() / theirs.pow(2).sum().clamp(min=1e-12) if self.loss_kind == "relative"
                           else squared.mean())

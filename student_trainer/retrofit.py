@@ -70,7 +70,7 @@ def check_teacher(teacher_lm: nn.Module) -> None:
         problems.append(f"heads x head_dim = {heads} x {head_dim} != hidden_size {hidden} (RetNet's query/key "
                         "width is the model width)")
     if head_dim % 2:
-        problems.append(f"odd head_dim {head_dim} (rotary pairs)")
+        problems.append(f"odd head_dim {head_dim} (rotary rotates pairs of dims)")
     act = getattr(config, "hidden_act", None)
     if act not in ("silu", "swish"):
         problems.append(f"hidden_act {act!r} (the student's feed-forward is SwiGLU: silu)")
@@ -82,26 +82,25 @@ def check_teacher(teacher_lm: nn.Module) -> None:
                          (layer, ("input_layernorm", "post_attention_layernorm"))):
         for name in names:
             if owner is None or not hasattr(owner, name):
-                problems.append(f"layer module {name}")
+                problems.append(f"no layer module {name}")
     if attn is not None:
         for extra in ("q_norm", "k_norm"):
             if hasattr(attn, extra):
-                problems.append(f"per-head {extra} (Qwen3-style query/key norms have no RetNet counterpart)")
+                problems.append(f"per-head {extra} (Qwen3-style query/key norms have no RetNet counterpart yet)")
         o_proj = getattr(attn, "o_proj", None)
         if o_proj is not None and getattr(o_proj, "bias", None) is not None:
-            problems.append("a bias on o_proj")
-    for norm_name in ("norm",):
-        norm = getattr(backbone, norm_name, None)
-        if norm is None or not hasattr(norm, "weight") or getattr(norm, "bias", None) is not None:
-            problems.append("a final RMSNorm (weight only) at model.norm")
+            problems.append("a bias on o_proj (the student's out_proj has none)")
+    norm = getattr(backbone, "norm", None)
+    if norm is None or not hasattr(norm, "weight") or getattr(norm, "bias", None) is not None:
+        problems.append("no final RMSNorm (weight only) at model.norm")
     rotary = getattr(backbone, "rotary_emb", None)
     if rotary is None or not hasattr(rotary, "inv_freq"):
-        problems.append("a rotary embedding with inv_freq at model.rotary_emb")
+        problems.append("no rotary embedding with inv_freq at model.rotary_emb")
     elif float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
-        problems.append(f"rotary attention_scaling {rotary.attention_scaling} (YaRN-style scaled cos/sin)")
+        problems.append(f"rotary attention_scaling {rotary.attention_scaling} (YaRN-style scaled cos/sin are not supported)")
     if problems:
         raise RetrofitError(f"cannot retrofit {type(teacher_lm).__name__} (model_type "
-                            f"{getattr(config, 'model_type', '?')!r}) into a RetNet student: unsupported "
+                            f"{getattr(config, 'model_type', '?')!r}) into a RetNet student: "
                             + "; ".join(problems) + ". Supported: Llama-family causal LMs with RMSNorm, SwiGLU, "
                             "RoPE and (grouped-query) attention, e.g. Llama, SmolLM2, Mistral, Qwen2.")
 
@@ -263,7 +262,7 @@ def retention_output(student: RetNetStudent, layer: int, inputs: torch.Tensor) -
     return student.decoder.layers[layer].retention(inputs, rel_pos, chunkwise_recurrent=False)
 
 
-def _valid_rows(tensor: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+def valid_rows(tensor: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """``[B, L, ...]`` -> ``[N, ...]`` rows at positions ``< lengths`` (all when ``lengths`` is None)."""
     if lengths is None:
         return tensor.reshape(-1, *tensor.shape[2:])
@@ -280,8 +279,8 @@ def layer_errors(student: RetNetStudent, teacher_lm: nn.Module, input_ids: torch
     device = student.embed_tokens.weight.device
     errors = []
     for j, tap in enumerate(taps):
-        ours = _valid_rows(retention_output(student, j, tap.inputs.to(device)).float(), lengths)
-        theirs = _valid_rows(tap.outputs.to(device), lengths)
+        ours = valid_rows(retention_output(student, j, tap.inputs.to(device)).float(), lengths)
+        theirs = valid_rows(tap.outputs.to(device), lengths)
         errors.append(float((ours - theirs).norm() / theirs.norm().clamp(min=1e-12)))
     return errors
 
@@ -323,11 +322,11 @@ def init_output_gates(student: RetNetStudent, teacher_lm: nn.Module, input_ids: 
         handle = retention.group_norm.register_forward_hook(lambda m, a, out: normed.__setitem__("n", out.float()))
         with _hooks([handle]):
             retention_output(student, j, tap.inputs.to(device))
-        n = _valid_rows(normed["n"].flatten(2), lengths)  # [N, H * dv]
-        a = _valid_rows(tap.heads.to(device), lengths)  # [N, H * dv]
+        n = valid_rows(normed["n"].flatten(2), lengths)  # [N, H * dv]
+        a = valid_rows(tap.heads.to(device), lengths)  # [N, H * dv]
         scale = (n * a).sum(0) / (n * n).sum(0).clamp(min=1e-12)
         z = inverse_swish(scale)
-        x = _valid_rows(tap.inputs.to(device), lengths)  # [N, d]
+        x = valid_rows(tap.inputs.to(device), lengths)  # [N, d]
         gram = x.T @ x + ridge * x.pow(2).sum(0).mean() * torch.eye(x.size(1), device=device)
         w = torch.linalg.solve(gram, x.T @ torch.ones(x.size(0), device=device))
         fitted = x @ w

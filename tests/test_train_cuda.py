@@ -43,3 +43,18 @@ def test_recurrent_decoding_on_cuda_matches_parallel_under_bf16() -> None:
             logits, state = student.step(ids[:, t], state)
             steps.append(logits.float())
     torch.testing.assert_close(torch.stack(steps, 1), parallel[:, 15:47], atol=0.1, rtol=0.05)
+
+
+def test_retrofit_both_stages_on_cuda_under_bf16_with_muon(roots, tiny_engine, tmp_path) -> None:
+    """The retrofit on a GPU: teacher and student on CUDA, bf16 autocast, Muon (fast in bf16 there)."""
+    from tests.test_retrofit import retrofit_config
+
+    teacher = DirectTeacher(tiny_engine, k=16, temperature=1.0)
+    # the teacher engine stays on the CPU: its captured attention moves to the student's device
+    config = retrofit_config(tmp_path / "run", roots[0] / "docs", device="cuda", precision="bf16", optimizer="muon")
+    summary = train(config, teacher=teacher)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    stage1 = {r["step"]: r["train/total"] for r in records if r.get("train/stage") == 1}
+    assert all(math.isfinite(v) for v in stage1.values()) and stage1[6] < stage1[1]
+    model = RetNetStudent.load(summary["checkpoint"] + "/model", device="cuda")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
