@@ -272,10 +272,11 @@ def valid_rows(tensor: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tens
 
 @torch.no_grad()
 def layer_errors(student: RetNetStudent, teacher_lm: nn.Module, input_ids: torch.Tensor, layers: Sequence[int],
-                 lengths: torch.Tensor | None = None) -> list[float]:
+                 lengths: torch.Tensor | None = None, taps: list[AttentionTap] | None = None) -> list[float]:
     """Per student layer: ``||retention(x) - attention(x)|| / ||attention(x)||`` on the teacher's own
-    hidden states ``x`` over the valid rows of ``input_ids [B, L]`` (0 = the attention exactly)."""
-    taps = capture_attention(teacher_lm, input_ids, layers)
+    hidden states ``x`` over the valid rows of ``input_ids [B, L]`` (0 = the attention exactly).
+    ``taps``: an earlier :func:`capture_attention` of the same rows (saves the teacher forward)."""
+    taps = taps or capture_attention(teacher_lm, input_ids, layers)
     device = student.embed_tokens.weight.device
     errors = []
     for j, tap in enumerate(taps):
@@ -303,7 +304,8 @@ def inverse_swish(values: torch.Tensor, iterations: int = 60) -> torch.Tensor:
 
 @torch.no_grad()
 def init_output_gates(student: RetNetStudent, teacher_lm: nn.Module, input_ids: torch.Tensor, layers: Sequence[int],
-                      lengths: torch.Tensor | None = None, ridge: float = 1e-3) -> list[float]:
+                      lengths: torch.Tensor | None = None, ridge: float = 1e-3,
+                      taps: list[AttentionTap] | None = None) -> list[float]:
     """Closed-form start for each layer's swish gate ``g_proj`` (it has no bias), from calibration rows.
 
     Per value channel ``c``: the least-squares scale ``s_c = <n_c, a_c> / <n_c, n_c>`` of the
@@ -313,7 +315,7 @@ def init_output_gates(student: RetNetStudent, teacher_lm: nn.Module, input_ids: 
     ``X w ~ 1`` over the calibration inputs ``X`` (the normed hidden states carry a nearly constant
     direction). Returns the fit's R^2 of ``X w ~ 1`` per layer (1 = an exactly constant gate).
     """
-    taps = capture_attention(teacher_lm, input_ids, layers, with_heads=True)
+    taps = taps or capture_attention(teacher_lm, input_ids, layers, with_heads=True)
     device = student.embed_tokens.weight.device
     fits = []
     for j, tap in enumerate(taps):
@@ -369,9 +371,10 @@ def retrofit(teacher_lm: nn.Module, calibration_ids: torch.Tensor, calibration_l
     with torch.device(device):
         student = RetNetStudent(config)
     copy_teacher_weights(student, teacher_lm, chosen)
-    before = layer_errors(student, teacher_lm, calibration_ids, chosen, calibration_lengths)
-    fits = init_output_gates(student, teacher_lm, calibration_ids, chosen, calibration_lengths)
-    after = layer_errors(student, teacher_lm, calibration_ids, chosen, calibration_lengths)
+    taps = capture_attention(teacher_lm, calibration_ids, chosen, with_heads=True)  # one teacher forward for all three
+    before = layer_errors(student, teacher_lm, calibration_ids, chosen, calibration_lengths, taps=taps)
+    fits = init_output_gates(student, teacher_lm, calibration_ids, chosen, calibration_lengths, taps=taps)
+    after = layer_errors(student, teacher_lm, calibration_ids, chosen, calibration_lengths, taps=taps)
     report = RetrofitReport(chosen, fits, before, after)
     for line in report.lines():
         log.info("%s", line)

@@ -142,7 +142,7 @@ def build_retrofitted_student(config: TrainConfig, teacher_lm: nn.Module, datase
     calibration = Batch.from_rows([dataset[i] for i in order.take(min(config.retrofit_calibration_rows, len(dataset)))])
     student, report = retrofit(teacher_lm, calibration.input_ids, calibration.lengths, layers=config.retrofit_layers,
                                group_norm_eps=config.retrofit_group_norm_eps, device=device, **student_behaviour(config))
-    return student.to(device), report
+    return student, report
 
 
 def optim_config(config: TrainConfig) -> OptimConfig:
