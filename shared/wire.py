@@ -245,6 +245,8 @@ class TopKResponse:
         logprobs: ``[sum(L), k]`` float16, ``log p_T(id | prefix)``.
         tail_logprob: ``[sum(L)]`` float32, ``log(1 - sum_k p_T)`` from the full vocabulary.
         lengths: rows per sequence (= input lengths).
+        weights_fingerprint: the served weights' identity (``""`` from servers before it was sent), so a
+            client behind a load balancer can check that every reply came from the same teacher.
     """
 
     model: str
@@ -258,6 +260,7 @@ class TopKResponse:
     tail_logprob: np.ndarray
     timing: dict[str, float] = field(default_factory=dict)
     protocol: int = PROTOCOL_VERSION
+    weights_fingerprint: str = ""
 
     def split(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per sequence ``(indices [L_i, k], logprobs [L_i, k], tail_logprob [L_i])`` views."""
@@ -293,6 +296,8 @@ def encode_topk_response(response: TopKResponse, fmt: WireFormat) -> bytes:
         "lengths": list(response.lengths),
         "timing": response.timing,
     }
+    if response.weights_fingerprint:  # optional: v1 clients ignore it
+        body["weights_fingerprint"] = response.weights_fingerprint
     if fmt == "msgpack":
         body.update({name: encode_tensor_msgpack(t) for name, t in tensors.items()})
         return msgpack.packb(body, use_bin_type=True)
@@ -326,6 +331,7 @@ def decode_topk_response(body: bytes, fmt: WireFormat) -> TopKResponse:
         lengths=list(obj["lengths"]),
         timing=obj.get("timing", {}),
         protocol=obj.get("protocol", PROTOCOL_VERSION),
+        weights_fingerprint=str(obj.get("weights_fingerprint", "")),
         **tensors,
     )
 

@@ -3,14 +3,19 @@
 Layout: ``{output_dir}/checkpoints/step-00000100/`` with ``model/`` (config.json +
 model.safetensors, loadable by ``RetNetStudent.load``), ``optimizer.pt``, ``rng.pt`` and
 ``trainer_state.json`` (step, sampler, LR controller, detector, non-finite guard, resolved config).
-A checkpoint is written into a temporary folder and renamed into place, so a folder named
-``step-*`` is always complete; only the newest ``keep_last`` are kept.
+A checkpoint is written into a temporary folder, every file and folder fsynced, and renamed into
+place (the parent fsynced too), so a folder named ``step-*`` is complete even after a power cut;
+``trainer_state.json`` is written last and lists every file's size, and a checkpoint whose files do
+not match it is never resumed from. Only the newest ``keep_last`` are kept. Everything loads with
+``torch.load(weights_only=True)``: no pickle runs code from a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -21,6 +26,8 @@ import numpy as np
 import torch
 
 STATE_FILE = "trainer_state.json"
+REQUIRED_FILES = ("model/config.json", "model/model.safetensors", "optimizer.pt", "rng.pt")
+log = logging.getLogger(__name__)
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -28,18 +35,49 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors, ints and lists (what ``torch.load(weights_only=True)`` reads)."""
+    version, mt_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt_state), gauss],
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    saved = state["numpy"]
+    if isinstance(saved, dict):
+        np.random.set_state((saved["name"], saved["keys"].numpy().astype(np.uint32), saved["pos"],
+                             saved["has_gauss"], saved["cached_gaussian"]))
+    else:  # checkpoints written before the tensor form: numpy's own tuple
+        np.random.set_state(saved)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file under ``folder`` and every folder's entries to disk."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    for path in [*sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)), folder]:
+        fsync_dir(path)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (a rename into it, new files) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(
@@ -59,10 +97,13 @@ def save_checkpoint(
         model.save(staging / "model")
         torch.save({"optimizers": [opt.state_dict() for opt in optimizers]}, staging / "optimizer.pt")
         torch.save(rng_state(), staging / "rng.pt")
-        (staging / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+        files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
+        (staging / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state, "files": files}, indent=2))
+        _fsync_tree(staging)  # the data is on disk before the name says the checkpoint is complete
         if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
             shutil.rmtree(final)
         os.replace(staging, final)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -71,12 +112,36 @@ def save_checkpoint(
     return final
 
 
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete checkpoint (a missing or truncated file), or None."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{STATE_FILE} unreadable ({type(exc).__name__})"
+    expected = state.get("files") or {name: None for name in REQUIRED_FILES}  # older checkpoints: presence only
+    for name, size in expected.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} missing"
+        if size is not None and path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first; incomplete ones are skipped with a warning."""
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    found = []
+    for folder in root.glob("step-*"):
+        if not folder.is_dir() or not folder.name.split("-")[1].isdigit():
+            continue
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            found.append(folder)
+        else:
+            log.warning("skipping incomplete checkpoint %s: %s", folder, problem)
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -90,12 +155,15 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     folder = Path(resume)
     if not (folder / STATE_FILE).is_file():
         raise FileNotFoundError(f"resume={resume}: no {STATE_FILE} there; expected a step-* checkpoint folder")
+    problem = checkpoint_problem(folder)
+    if problem is not None:
+        raise FileNotFoundError(f"resume={resume} is an incomplete checkpoint ({problem}); resume from another one")
     return folder
 
 
 def load_checkpoint(folder: Path, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
     """Restore optimizer and RNG states; returns the trainer state (the caller restores the rest)."""
-    saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+    saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
     if len(saved["optimizers"]) != len(optimizers):
         raise ValueError(
             f"{folder} holds {len(saved['optimizers'])} optimizer states but this run has {len(optimizers)}; "
@@ -103,5 +171,17 @@ def load_checkpoint(folder: Path, optimizers: list[torch.optim.Optimizer]) -> di
         )
     for optimizer, state in zip(optimizers, saved["optimizers"]):
         optimizer.load_state_dict(state)
-    restore_rng_state(torch.load(folder / "rng.pt", weights_only=False))
+    restore_rng_state(_load_rng(folder / "rng.pt"))
     return json.loads((folder / STATE_FILE).read_text())
+
+
+def _load_rng(path: Path) -> dict[str, Any]:
+    """``rng.pt`` without pickle; checkpoints from before the tensor form hold numpy's state tuple,
+    whose two numpy types are allowed explicitly (nothing else is)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+        with torch.serialization.safe_globals([core.multiarray._reconstruct, np.ndarray, np.dtype,
+                                               type(np.dtype(np.uint32))]):
+            return torch.load(path, weights_only=True)

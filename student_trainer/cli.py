@@ -132,7 +132,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from student_trainer.config import ConfigError, load_config
     from student_trainer.health import TrainingDiverged
-    from student_trainer.teachers.network import TeacherMismatch, TeacherUnavailable
+    from student_trainer.teachers.network import TeacherError
     from student_trainer.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -146,7 +146,7 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         summary = train(config)
-    except (TrainingDiverged, CacheError, FileNotFoundError, TeacherUnavailable, TeacherMismatch) as exc:
+    except (TrainingDiverged, CacheError, FileNotFoundError, TeacherError) as exc:
         print(f"retnet-distill train: {exc}", file=sys.stderr)
         return 1
     if os.environ.get("RANK", "0") == "0":  # under torchrun: one summary, from rank 0

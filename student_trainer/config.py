@@ -79,7 +79,9 @@ class TrainConfig:
     teacher_probe_s: float = 10.0  # network mode on a fallback: how often to check whether the service is back
     teacher_cache: str | None = None  # cached mode: a folder written by `retnet-distill cache`
     teacher_cache_verify: bool = True  # cached mode: check every shard's sha256 before training
-    teacher_model: str = "smollm2-135m-instruct"
+    teacher_model: str = "smollm2-135m-instruct"  # network/cached modes: the served/cached teacher must be this one
+    teacher_fingerprint: str | None = None  # the teacher weights' fingerprint (GET /v1/models); None: the first source's
+    allow_teacher_mismatch: bool = False  # only warn when a source serves another model or weights
     teacher_device: str = "auto"
     teacher_dtype: str = "auto"
     teacher_topk: int = 64
@@ -107,7 +109,8 @@ class TrainConfig:
     saddle_boost: float = 2.0
     saddle_duration: int = 50
     saddle_cooldown: int = 200
-    max_nonfinite_steps: int = 10
+    max_nonfinite_steps: int = 10  # skipped non-finite steps in a row before the run stops
+    max_total_nonfinite_steps: int | None = 100  # skipped non-finite steps in all before it stops (None: no limit)
     # telemetry
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     wandb_project: str = "retnet-distill"
@@ -121,6 +124,9 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, found {getattr(self, key)}")
+        if self.max_total_nonfinite_steps is not None and self.max_total_nonfinite_steps < 1:
+            raise ConfigError(f"max_total_nonfinite_steps must be >= 1 or null (no limit), found "
+                              f"{self.max_total_nonfinite_steps}")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ConfigError(f"distill_alpha must be in [0, 1] (1 = CE only), found {self.distill_alpha}")
         if self.temperature <= 0:

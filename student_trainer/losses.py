@@ -106,6 +106,7 @@ class LossOutput:
         values = torch.stack([self.loss.detach(), *(getattr(self, name) for name in _STATS)]).tolist()
         out = {f"{prefix}{name}": value for name, value in zip(("total", *_STATS), values)}
         out[f"{prefix}rows"] = float(self.n_rows)
+        out[f"{prefix}label_rows"] = float(self.n_label_rows)
         return out
 
 
@@ -116,6 +117,7 @@ def distillation_loss(
     labels: Tensor,
     loss_mask: Tensor,
     config: LossConfig,
+    row_totals: tuple[float, float] | None = None,
 ) -> LossOutput:
     """Distillation loss from final hidden states and a (tied) output head, chunked over rows.
 
@@ -127,6 +129,9 @@ def distillation_loss(
             at the last position) = no CE for that row, which may still get the divergence.
         loss_mask: ``[B, L]`` 1 where row ``t`` is supervised, 0 for padding and prompt rows.
         config: loss settings.
+        row_totals: ``(supervised rows, rows with a label)`` to divide the loss sums by; None: this
+            batch's. Gradient accumulation and data parallelism pass the whole optimiser step's (per
+            rank), so that every supervised row weighs the same however the rows fall into micro-batches.
 
     Returns:
         :class:`LossOutput`. Only supervised rows go through the head. Under autocast the head matmul
@@ -138,7 +143,8 @@ def distillation_loss(
             f"found {tuple(hidden.shape)} and {tuple(head_weight.shape)}"
         )
     vocab = head_weight.shape[0]
-    mask, rows = _supervised_rows(targets, labels, loss_mask, hidden.shape[:2], hidden.device, config, vocab)
+    mask, rows = _supervised_rows(targets, labels, loss_mask, hidden.shape[:2], hidden.device, config, vocab,
+                                  row_totals)
     grad_on = torch.is_grad_enabled()
     loss, sums = _ChunkedHeadLoss.apply(
         hidden[mask], head_weight, rows, config,
@@ -179,6 +185,9 @@ class _Rows(NamedTuple):
     labels: Tensor  # [N] int64, negative = no CE
     n_rows: int
     n_label_rows: int
+    # what the loss sums are divided by: these rows' counts, or a whole optimiser step's (accumulation, DDP)
+    norm_rows: float
+    norm_label_rows: float
 
 
 def _supervised_rows(
@@ -189,6 +198,7 @@ def _supervised_rows(
     device: torch.device,
     config: LossConfig,
     vocab_size: int,
+    row_totals: tuple[float, float] | None = None,
 ) -> tuple[Tensor, _Rows]:
     """Check shapes and values; return the ``[B, L]`` bool mask and the supervised rows' targets."""
     expected = tuple(batch_shape)
@@ -213,7 +223,9 @@ def _supervised_rows(
     label_max, n_label_rows = torch.stack([label_max, (labels >= 0).sum()]).tolist()  # one device sync
     if label_max >= vocab_size:
         raise ValueError(f"labels must be < the student's vocab {vocab_size} (or negative: no CE), found {label_max}")
-    return mask, _Rows(indices, logprobs, tail, labels, labels.shape[0], int(n_label_rows))
+    n_rows, n_label_rows = labels.shape[0], int(n_label_rows)
+    norm_rows, norm_label_rows = row_totals if row_totals is not None else (n_rows, n_label_rows)
+    return mask, _Rows(indices, logprobs, tail, labels, n_rows, n_label_rows, norm_rows, norm_label_rows)
 
 
 # ---------------------------------------------------------------------------------------- math
@@ -357,7 +369,7 @@ def _weighted_sum(terms: _RowTerms, rows: _Rows, config: LossConfig) -> Tensor:
     """These rows' share of the total loss: sums divided by the whole batch's row counts."""
     t2 = config.temperature**2
     soft = (1.0 - config.alpha) * t2 * terms.divergence + config.lambda_div * terms.floor
-    return soft.sum() / max(rows.n_rows, 1) + config.alpha * terms.ce.sum() / max(rows.n_label_rows, 1)
+    return soft.sum() / max(rows.norm_rows, 1) + config.alpha * terms.ce.sum() / max(rows.norm_label_rows, 1)
 
 
 def _stat_sums(terms: _RowTerms, config: LossConfig) -> Tensor:

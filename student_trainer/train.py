@@ -37,7 +37,7 @@ from student_trainer.optim import LRController, OptimConfig, build_optimizers, c
 from student_trainer.targets import TeacherTargets
 from student_trainer.teachers import CachedTeacher, DirectTeacher, TeacherSource
 from student_trainer.teachers.fallback import FallbackTeacher
-from student_trainer.teachers.network import NetworkTeacher, TeacherUnavailable
+from student_trainer.teachers.network import NetworkTeacher, TeacherError, TeacherMismatch, TeacherUnavailable
 from student_trainer.telemetry import Telemetry, memory_metrics
 from teacher_server.engines.model_source import model_name
 
@@ -56,27 +56,43 @@ def seed_everything(seed: int) -> None:
 def build_teacher(config: TrainConfig, data_manifest: dict[str, Any], on_switch=None) -> TeacherSource:
     """The teacher-target source of ``teacher_mode``: the HF engine in this process (direct), a
     cache on disk (cached) or teacher services over HTTP (network, optionally backed by a chain of
-    ``teacher_fallback`` sources), each checked against the data."""
+    ``teacher_fallback`` sources), each checked against the data and the run's teacher."""
     if config.teacher_mode == "network" and config.teacher_fallback:
         primary = build_teacher(dataclasses.replace(config, teacher_fallback=[]), data_manifest)
         primary.deadline_s = 0.0  # with a fallback, give up after the retries and switch
         fallbacks = [build_teacher(dataclasses.replace(config, teacher_mode=mode, teacher_fallback=[]), data_manifest)
                      for mode in config.teacher_fallback]
-        return FallbackTeacher([primary, *fallbacks], probe_interval_s=config.teacher_probe_s, on_switch=on_switch)
+        return FallbackTeacher([primary, *fallbacks], probe_interval_s=config.teacher_probe_s, on_switch=on_switch,
+                               allow_mismatch=config.allow_teacher_mismatch)
     if config.teacher_mode == "cached":
         if not config.teacher_cache:
             raise ValueError("teacher_mode=cached needs teacher_cache=FOLDER (written by `retnet-distill cache`)")
-        return CachedTeacher(config.teacher_cache, data_manifest, config.teacher_topk, config.temperature,
-                             teacher_model=model_name(config.teacher_model), verify=config.teacher_cache_verify)
-    if config.teacher_mode == "network":
+        source: TeacherSource = CachedTeacher(
+            config.teacher_cache, data_manifest, config.teacher_topk, config.temperature,
+            teacher_model=model_name(config.teacher_model), verify=config.teacher_cache_verify)
+    elif config.teacher_mode == "network":
         if not config.teacher_url:
             raise ValueError("teacher_mode=network needs teacher_url=http://HOST:PORT (several: comma-separated)")
         return NetworkTeacher([url.strip() for url in config.teacher_url.split(",")], config.teacher_topk,
                               config.temperature, data_manifest["tokenizer_sha256"], data_manifest["vocab_size"],
                               api_key=os.environ.get("TEACHER_API_KEY"), retries=config.teacher_retries,
-                              deadline_s=config.teacher_deadline_s)
-    return DirectTeacher.load(config.teacher_model, config.teacher_topk, config.temperature,
-                              device=config.teacher_device, dtype=config.teacher_dtype, cache_dir=config.model_cache_dir)
+                              deadline_s=config.teacher_deadline_s, teacher_model=model_name(config.teacher_model),
+                              weights_fingerprint=config.teacher_fingerprint,
+                              allow_mismatch=config.allow_teacher_mismatch, max_sequence_length=config.max_seq_length,
+                              max_request_tokens=config.batch_size * config.max_seq_length)
+    else:
+        source = DirectTeacher.load(config.teacher_model, config.teacher_topk, config.temperature,
+                                    device=config.teacher_device, dtype=config.teacher_dtype,
+                                    cache_dir=config.model_cache_dir)
+    expected, found = config.teacher_fingerprint, source.weights_fingerprint
+    if expected and found != expected:
+        message = (f"teacher {source.name} has weights fingerprint {found[:16]}..., but teacher_fingerprint="
+                   f"{expected[:16]}...: these are other weights; point the run at the teacher it was meant for")
+        if not config.allow_teacher_mismatch:
+            source.close()
+            raise TeacherMismatch(message + " (or set allow_teacher_mismatch=true if you are sure)")
+        log.warning("%s (allowed by allow_teacher_mismatch)", message)
+    return source
 
 
 def prepare_data(config: TrainConfig) -> Path:
@@ -155,7 +171,8 @@ def health_config(config: TrainConfig) -> HealthConfig:
     return HealthConfig(enabled=config.saddle_detection, window=config.saddle_window,
                         min_rel_improvement=config.saddle_min_improvement, warmup_steps=config.saddle_warmup_steps,
                         patience=config.saddle_patience, boost=config.saddle_boost, duration=config.saddle_duration,
-                        cooldown=config.saddle_cooldown, max_consecutive_nonfinite=config.max_nonfinite_steps)
+                        cooldown=config.saddle_cooldown, max_consecutive_nonfinite=config.max_nonfinite_steps,
+                        max_total_nonfinite=config.max_total_nonfinite_steps)
 
 
 def loss_config(config: TrainConfig) -> LossConfig:
@@ -219,11 +236,44 @@ class UpcomingBatches:
 
 
 def student_loss(model: RetNetStudent, batch: Batch, targets: TeacherTargets, config: LossConfig,
-                 device: torch.device, autocast: Any) -> LossOutput:
+                 device: torch.device, autocast: Any, row_totals: tuple[float, float] | None = None) -> LossOutput:
     with autocast:
         hidden = model.hidden_states(batch.input_ids.to(device))
     return distillation_loss(hidden, model.output_projection.weight, targets.to(device),
-                             batch.labels.to(device), batch.row_mask.to(device), config)
+                             batch.labels.to(device), batch.row_mask.to(device), config, row_totals)
+
+
+def step_row_totals(batches: list[Batch], dist: Distributed) -> tuple[float, float]:
+    """``(supervised rows, rows with a label)`` of a whole optimiser step (every micro-batch, every
+    rank), per rank: each rank divides its loss sums by these, DDP averages the gradients over the
+    ranks, and so every supervised row of the step weighs the same (assistant-only masks make the
+    micro-batches uneven)."""
+    rows = sum(int(batch.row_mask.sum()) for batch in batches)
+    labelled = sum(int((batch.row_mask.bool() & (batch.labels >= 0)).sum()) for batch in batches)
+    totals = dist.all_reduce_sum({"rows": rows, "labelled": labelled})
+    return totals["rows"] / dist.world_size, totals["labelled"] / dist.world_size
+
+
+def combine_micro_metrics(micro_metrics: list[dict[str, float]],
+                          row_totals: tuple[float, float] | None) -> dict[str, float]:
+    """One step's metrics from its micro-batches', such that their mean over the ranks is the step's.
+
+    Stage 1 (``row_totals`` None): plain means. KD: each micro-batch's ``train/total`` is already its
+    share of the step's loss (summed); the other means are summed weighted by their rows (CE: rows
+    with a label) and divided by the step's per-rank row counts, as the loss itself is.
+    """
+    if row_totals is None:
+        return {key: float(np.mean([m[key] for m in micro_metrics])) for key in micro_metrics[0]}
+    rows, labelled = (max(total, 1e-12) for total in row_totals)
+    combined = {}
+    for key in micro_metrics[0]:
+        if key in ("train/total", "train/rows", "train/label_rows"):
+            combined[key] = float(sum(m[key] for m in micro_metrics))
+        elif key == "train/ce":
+            combined[key] = float(sum(m[key] * m["train/label_rows"] for m in micro_metrics)) / labelled
+        else:
+            combined[key] = float(sum(m[key] * m["train/rows"] for m in micro_metrics)) / rows
+    return combined
 
 
 class DistillStep(nn.Module):
@@ -237,8 +287,8 @@ class DistillStep(nn.Module):
         super().__init__()
         self.student, self.losses, self.device, self.autocast = student, losses, device, autocast
 
-    def forward(self, batch: Batch, targets: TeacherTargets) -> LossOutput:
-        return student_loss(self.student, batch, targets, self.losses, self.device, self.autocast)
+    def forward(self, batch: Batch, targets: TeacherTargets, row_totals: tuple[float, float] | None = None) -> LossOutput:
+        return student_loss(self.student, batch, targets, self.losses, self.device, self.autocast, row_totals)
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -372,8 +422,9 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
             trainable.train()
             step_started, teacher_seconds, micro_metrics, step_tokens = time.perf_counter(), 0.0, [], 0
             step_start_state, step_rows = upcoming.sampler_state(), []
-            for micro in range(config.grad_accum_steps):
-                batch = upcoming.next()
+            micro_batches = [upcoming.next() for _ in range(config.grad_accum_steps)]
+            row_totals = step_row_totals(micro_batches, dist) if transfer is None else None
+            for micro, batch in enumerate(micro_batches):
                 if transfer is not None:
                     out = transfer(batch.input_ids, batch.lengths)
                     teacher_seconds += out.teacher_seconds
@@ -385,46 +436,52 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
                 teacher_started = time.perf_counter()
                 try:
                     targets, lost = teacher.targets_for(batch.input_ids, batch.lengths, batch.indices), None
-                except TeacherUnavailable as exc:
+                except TeacherError as exc:
                     targets, lost = None, exc
                 if dist.any_rank(lost is not None):
-                    # No fallback left (on some rank): keep what is done (this step starts again on
-                    # resume) and stop, every rank together.
-                    error = str(lost) if lost else "the teacher of another rank is unavailable"
+                    # No fallback left, a refused request or another teacher (on some rank): keep what
+                    # is done (this step starts again on resume) and stop, every rank together.
+                    error = str(lost) if lost else "the teacher of another rank failed"
                     path = dist.save_checkpoint(output_dir, step, model, optimizers, trainer_state(step_start_state),
                                                 config.keep_last)
-                    telemetry.event(step, "teacher_unavailable", {"error": error[:500], "checkpoint": str(path)})
-                    raise TeacherUnavailable(f"{error}. Saved {path}; start the same command again when the "
-                                             "teacher is back (resume=auto), or configure teacher_fallback") from lost
+                    kind = "teacher_unavailable" if lost is None or isinstance(lost, TeacherUnavailable) else "teacher_error"
+                    telemetry.event(step, kind, {"error": error[:500], "checkpoint": str(path)})
+                    if lost is None or isinstance(lost, TeacherUnavailable):
+                        raise TeacherUnavailable(f"{error}. Saved {path}; start the same command again when the "
+                                                 "teacher is back (resume=auto), or configure teacher_fallback") from lost
+                    raise type(lost)(f"{error}. Saved {path}; fix the configuration, then start the same command "
+                                     "again (resume=auto)") from lost
                 teacher_seconds += time.perf_counter() - teacher_started
                 step_rows.extend(batch.indices.tolist())
                 # gradients are averaged across ranks in the backward of the last micro-step only
                 with dist.gradient_sync(trainable, sync=micro == config.grad_accum_steps - 1):
-                    out = trainable(batch, targets)
-                    (out.loss / config.grad_accum_steps).backward()
+                    out = trainable(batch, targets, row_totals)
+                    out.loss.backward()  # already this micro-batch's share of the step (step_row_totals)
                 micro_metrics.append(out.metrics("train/"))
                 step_tokens += int(batch.lengths.sum())
             while switches:
                 telemetry.event(step, "teacher_switch", switches.pop(0))
             grad_norm = clip_grad_norm(model.parameters(), config.grad_clip)
-            metrics = {key: float(np.mean([m[key] for m in micro_metrics])) for key in micro_metrics[0]}
+            metrics = combine_micro_metrics(micro_metrics, row_totals)
             # Every rank decides skip / saddle / stop from the same numbers, or the ranks would diverge.
             metrics = dist.all_reduce_mean({**metrics, "train/grad_norm": grad_norm, "teacher/seconds": teacher_seconds})
             grad_norm, teacher_seconds = metrics["train/grad_norm"], metrics["teacher/seconds"]
             step_tokens = int(dist.all_reduce_sum({"tokens": step_tokens})["tokens"])
             step_rows = dist.all_gather_rows(step_rows)
-            if guard.should_skip(metrics["train/total"], grad_norm, step):
-                for optimizer in optimizers:
-                    optimizer.zero_grad(set_to_none=True)
+            # a skipped step still counts: it goes on to the stage switch, evaluation, checkpoint and stop below
+            skipped = guard.should_skip(metrics["train/total"], grad_norm, step)
+            if skipped:
+                lrs = {}
                 telemetry.event(step + 1, "nonfinite_skip", {"reason": guard.last_reason, "skipped_total": guard.total_skipped})
-                continue
-            lrs = lr_control.apply(step)
+            else:
+                lrs = lr_control.apply(step)
+                for optimizer in optimizers:
+                    optimizer.step()
+                tokens_seen += step_tokens
             for optimizer in optimizers:
-                optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            tokens_seen += step_tokens
             # the plateau detector watches the KD loss only (stage 1's loss is on another scale)
-            event = detector.update(step, metrics["train/total"], grad_norm) if step >= stage1_steps else None
+            event = detector.update(step, metrics["train/total"], grad_norm) if step >= stage1_steps and not skipped else None
             if event is not None:
                 telemetry.event(step + 1, "saddle_intervention", event.to_dict())
 
@@ -436,7 +493,8 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
                             "train/lr_multiplier": detector.multiplier(step), "train/stage": 1 if step < stage1_steps else 2,
                             **{f"teacher/{key}": value for key, value in getattr(teacher, "stats", {}).items()},
                             **{f"lr/{name}": value for name, value in lrs.items()}})
-            telemetry.progress(done, metrics["train/total"], metrics["train/tokens_per_s"], metrics["teacher/share"])
+            if not skipped:
+                telemetry.progress(done, metrics["train/total"], metrics["train/tokens_per_s"], metrics["teacher/share"])
             if transfer is not None and done == stage1_steps:
                 # stage 1 -> stage 2 (KD of every parameter), before the boundary checkpoint so that it
                 # holds stage 2's optimisers and a resume from it continues exactly
@@ -446,7 +504,7 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
                 optimizers, lr_control = stage_optimizers(done)
                 upcoming.set_depth(config.prefetch_depth)
                 telemetry.event(done, "stage_2", {"what": "attention transfer done; KD of all parameters"})
-            if done % config.log_every == 0 or done == config.max_steps:
+            if (done % config.log_every == 0 or done == config.max_steps) and not skipped:
                 telemetry.log(done, {**metrics, **memory_metrics(device)})
             if done % config.eval_every == 0 or done == config.max_steps:
                 last = {**metrics, **evaluator.run(trainable)}
@@ -518,7 +576,7 @@ class Evaluator:
             for key, value in out.metrics("eval/").items():
                 totals[key] = totals.get(key, 0.0) + value * out.n_rows
             rows += out.n_rows
-        result = {key: value / max(rows, 1) for key, value in totals.items() if key != "eval/rows"}
+        result = {key: value / max(rows, 1) for key, value in totals.items() if key not in ("eval/rows", "eval/label_rows")}
         result["eval/ppl"] = math.exp(min(result.get("eval/ce", 0.0), 50.0))
         result["eval/rows"] = float(rows)
         return result

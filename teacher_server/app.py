@@ -226,6 +226,7 @@ def create_app(
             logprobs=rows.logprobs,
             tail_logprob=rows.tail_logprob,
             timing={"queue_ms": round(timing.queue_ms, 3), "compute_ms": round(timing.compute_ms, 3)},
+            weights_fingerprint=engine.weights_fingerprint,
         )
         fmt = response_format(request.headers.get("accept"), request_fmt)
         if fmt == "json":  # JSON of a big response takes a while: keep the event loop free
@@ -248,6 +249,7 @@ def create_app(
                     "device": engine.device,
                     "vocab_size": engine.vocab_size,
                     "tokenizer_sha256": engine.tokenizer_sha256,
+                    "weights_fingerprint": engine.weights_fingerprint,
                     "max_sequence_length": engine.max_sequence_length,
                     "protocol": PROTOCOL_VERSION,
                     "default_k": settings.default_k,

@@ -4,10 +4,10 @@ the same steps as one process of 4 rows, only rank 0 writes, and a stopped job r
 Two ranks together must see exactly the rows the single process sees in each step: the sampler
 interleaves the ranks over one permutation (rank r takes entries r, r + 2, ...), so the ranks' first
 2 rows each are entries 0-3, as are the single process's first 4 (taken as 2 micro-batches of 2,
-which also makes its evaluation batches the ranks'). The losses agree when every row has the same
-number of supervised positions (DDP averages per-rank means, one process averages micro-batch
-means of other rows), so the tests pick a data seed whose first steps use only full rows; then the
-numbers match to float precision.
+which also makes its evaluation batches the ranks'). The tests pick a data seed whose steps have
+rows with different numbers of supervised positions, split unevenly over the ranks and over the
+micro-batches: the loss must weigh every supervised row of the step the same (per-rank or
+per-micro-batch means would not), and then the numbers match to float precision.
 """
 
 from __future__ import annotations
@@ -33,13 +33,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def seed(tiny_shards) -> int:
-    """The first data seed whose first ``STEPS`` steps use only rows supervised at every position."""
+    """The first data seed whose first ``STEPS`` steps each split their supervised positions unevenly
+    over the ranks (entries 0, 2 vs 1, 3) and over the single process's micro-batches (0, 1 vs 2, 3)."""
     dataset = PretokenizedShardDataset(tiny_shards, "train")
+
+    def supervised(i: int) -> int:
+        return int(dataset[i]["loss_mask"][1:dataset[i]["length"]].sum())
+
     for candidate in range(1000):
         rows = ShardSampler(len(dataset), seed=candidate).take(STEPS * ROWS_PER_STEP)
-        if all(dataset[i]["length"] == 32 and bool(dataset[i]["loss_mask"][1:].all()) for i in rows):
+        counts = [[supervised(i) for i in rows[s * ROWS_PER_STEP:(s + 1) * ROWS_PER_STEP]] for s in range(STEPS)]
+        if all(c[0] + c[2] != c[1] + c[3] and c[0] + c[1] != c[2] + c[3] for c in counts):
             return candidate
-    raise AssertionError("no seed with fully supervised rows in the first steps")
+    raise AssertionError("no seed with uneven supervised rows in the first steps")
 
 
 def settings(tiny_model_dir: Path, tiny_shards: Path, seed: int, **overrides) -> dict:

@@ -33,7 +33,8 @@ def server(tiny_model_dir, tmp_path_factory):
 @pytest.fixture
 def network_teacher(server, roots, monkeypatch):
     manifest = read_manifest(roots[0] / "docs")
-    teacher = NetworkTeacher([server.url], 16, 1.0, manifest["tokenizer_sha256"], manifest["vocab_size"], api_key="key")
+    teacher = NetworkTeacher([server.url], 16, 1.0, manifest["tokenizer_sha256"], manifest["vocab_size"], api_key="key",
+                             teacher_model=server.model)
     yield teacher
     teacher.close()
 
@@ -56,7 +57,7 @@ def test_network_targets_equal_direct_targets(network_teacher, roots, tiny_engin
 def test_a_network_run_with_prefetch_resumes_exactly(server, roots, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("TEACHER_API_KEY", "key")
     settings = dict(max_steps=8, eval_every=8, save_every=8, teacher_mode="network", teacher_url=server.url,
-                    prefetch_depth=2)
+                    teacher_model=server.model, prefetch_depth=2)
     train(tiny_config(tmp_path / "straight", roots[0] / "docs", **settings))
     train(tiny_config(tmp_path / "resumed", roots[0] / "docs", stop_at_step=4, **settings))
     state = json.loads((tmp_path / "resumed" / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
@@ -157,7 +158,7 @@ def test_without_a_fallback_the_run_checkpoints_and_stops_after_the_deadline(roo
     killer.start()
     config = tiny_config(output, roots[0] / "docs", max_steps=100000, warmup_steps=2, eval_every=100000,
                          save_every=100000, teacher_mode="network", teacher_url=teacher.url, teacher_retries=1,
-                         teacher_deadline_s=1.5)
+                         teacher_deadline_s=1.5, teacher_model=str(tiny_model_dir))
     try:
         with pytest.raises(TeacherUnavailable, match="Saved .*step-.*start the same command again"):
             train(config)
@@ -217,7 +218,8 @@ def test_prefetch_hides_a_slow_teacher_up_to_its_depth(server, roots, tmp_path, 
         for depth in (0, 4):
             output = tmp_path / f"depth-{depth}"
             train(tiny_config(output, roots[0] / "docs", max_steps=16, eval_every=16, save_every=16,
-                              teacher_mode="network", teacher_url=f"http://127.0.0.1:{proxy.port}", prefetch_depth=depth))
+                              teacher_mode="network", teacher_url=f"http://127.0.0.1:{proxy.port}", prefetch_depth=depth,
+                              teacher_model=server.model))
             steps = [line for line in metric_lines(output) if "teacher/seconds" in line][4:]  # after the queue fills
             waits[depth] = sum(line["teacher/seconds"] for line in steps) / len(steps)
     finally:

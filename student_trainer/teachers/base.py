@@ -21,6 +21,7 @@ class TeacherSource(Protocol):
     name: str
     vocab_size: int
     tokenizer_sha256: str
+    weights_fingerprint: str  # changes when the teacher's weights change ("" when a source cannot tell)
     k: int
     temperature: float
 

@@ -51,6 +51,7 @@ class CachedTeacher:
         spec = self.readers["train"].spec
         self.name = f"cached:{spec.teacher_model}"
         self.vocab_size, self.tokenizer_sha256 = spec.vocab_size, spec.tokenizer_sha256
+        self.weights_fingerprint = spec.teacher_fingerprint
         self.k, self.temperature = spec.k, spec.temperature
 
     def targets_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, indices: torch.Tensor,

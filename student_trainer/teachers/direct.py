@@ -28,6 +28,7 @@ class DirectTeacher:
         self.name = f"direct:{engine.model_name}"
         self.vocab_size = engine.vocab_size
         self.tokenizer_sha256 = engine.tokenizer_sha256
+        self.weights_fingerprint = engine.weights_fingerprint
         self.k = k
         self.temperature = temperature
 

@@ -12,7 +12,7 @@ import torch
 
 from student_trainer.targets import TeacherTargets
 from student_trainer.teachers.base import TeacherSource
-from student_trainer.teachers.network import TeacherUnavailable
+from student_trainer.teachers.network import TeacherMismatch, TeacherUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -21,18 +21,31 @@ class FallbackTeacher:
     """``sources[0]`` (usually network) backed by ``sources[1:]`` (direct or cached), in order.
 
     Args:
-        sources: teacher sources with the same tokenizer, k and temperature.
+        sources: teacher sources with the same tokenizer, k, temperature and weights.
         probe_interval_s: while on a fallback, how often to check whether the primary is back.
         on_switch: called with ``(from_name, to_name, reason)`` on every switch (telemetry).
+        allow_mismatch: only warn when the sources' weights fingerprints differ.
+
+    Only :class:`TeacherUnavailable` moves to the next source; a refused request or another
+    teacher (:class:`TeacherRejected`, :class:`TeacherMismatch`) stops the run, since a fallback
+    would hide a configuration error.
     """
 
     def __init__(self, sources: list[TeacherSource], probe_interval_s: float = 10.0,
-                 on_switch: Callable[[str, str, str], None] | None = None) -> None:
+                 on_switch: Callable[[str, str, str], None] | None = None, allow_mismatch: bool = False) -> None:
         first = sources[0]
         for other in sources[1:]:
             if (other.tokenizer_sha256, other.k, other.temperature) != (first.tokenizer_sha256, first.k, first.temperature):
-                raise ValueError(f"fallback teacher {other.name} differs from {first.name} in tokenizer, k or "
-                                 "temperature; every teacher of the chain must give the same targets")
+                raise TeacherMismatch(f"fallback teacher {other.name} differs from {first.name} in tokenizer, k or "
+                                      "temperature; every teacher of the chain must give the same targets")
+            ours, theirs = getattr(first, "weights_fingerprint", ""), getattr(other, "weights_fingerprint", "")
+            if ours and theirs and ours != theirs:
+                message = (f"fallback teacher {other.name} has weights fingerprint {theirs[:16]}... but {first.name} "
+                           f"has {ours[:16]}...: a switch would change the teacher in the middle of the run; use "
+                           "the same weights on both sides (or set allow_teacher_mismatch=true if you are sure)")
+                if not allow_mismatch:
+                    raise TeacherMismatch(message)
+                log.warning("%s (allowed by allow_teacher_mismatch)", message)
         self.sources, self.probe_interval_s, self.on_switch = sources, probe_interval_s, on_switch
         self.active = 0
         self._last_probe = 0.0
