@@ -8,9 +8,11 @@ mapped on first use, but every file's size and header are checked when the reade
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
+import os
 import struct
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -95,11 +97,48 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, data_start
 
 
+class VerifiedStamps:
+    """``verified.json``: shards whose sha256 was checked, by file name, with the size and mtime they had.
+
+    A rewritten or altered file changes its size or mtime and is checked again. Written atomically
+    (temporary file + rename); a read-only cache folder keeps the stamps in memory only.
+    """
+
+    NAME = "verified.json"
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / self.NAME
+        try:
+            loaded = json.loads(self.path.read_text())
+            self.entries: dict[str, dict[str, Any]] = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            self.entries = {}
+
+    @staticmethod
+    def _identity(path: Path, sha256: str) -> dict[str, Any]:
+        stat = path.stat()
+        return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+
+    def covers(self, path: Path, sha256: str) -> bool:
+        return self.entries.get(path.name) == self._identity(path, sha256)
+
+    def add(self, path: Path, sha256: str) -> None:
+        self.entries[path.name] = self._identity(path, sha256)
+        staging = self.path.with_name(f".{self.NAME}.{os.getpid()}.tmp")
+        try:
+            staging.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
+            os.replace(staging, self.path)
+        except OSError:  # read-only cache: remember for this process only
+            with contextlib.suppress(OSError):
+                staging.unlink(missing_ok=True)
+
+
 class _Shard:
     """One shard's tensors, checked against the manifest at open, mapped on first use."""
 
-    def __init__(self, directory: Path, record: dict[str, Any], spec: CacheSpec, verify: bool) -> None:
+    def __init__(self, directory: Path, record: dict[str, Any], spec: CacheSpec, verify: bool | str) -> None:
         self.path, self.record = directory / record["file"], record
+        self.stamps: VerifiedStamps | None = None  # set by the reader when the sha256 is checked at first read
         self.first, self.count = int(record["first"]), int(record["count"])
         if not self.path.is_file():
             raise CacheCorrupted(f"{self.path} is listed in the manifest but missing; "
@@ -108,11 +147,8 @@ class _Shard:
         if size != record["bytes"]:
             raise CacheCorrupted(f"{self.path} has {size} bytes, the manifest says {record['bytes']} (truncated or "
                                  "overwritten); resume the cache writer to rewrite it")
-        if verify:
-            digest = sha256_file(self.path)
-            if digest != record["sha256"]:
-                raise CacheCorrupted(f"{self.path}: sha256 {digest} does not match the manifest's {record['sha256']}; "
-                                     "the file was altered: delete it and resume the cache writer")
+        if verify is True:
+            self.verify()
         self.header, self.data_start = read_safetensors_header(self.path)
         rows, k, width = int(record["rows"]), spec.k, spec.max_seq_length
         logprobs = ("logprobs_q8", "U8") if spec.target_type == "topk_q8" else ("logprobs", "F16")
@@ -126,7 +162,19 @@ class _Shard:
         self.tensors: dict[str, np.ndarray] | None = None
         self.offsets: np.ndarray | None = None
 
+    def verify(self) -> None:
+        """Check the file's sha256 against the manifest (the page cache keeps it for the mapping)."""
+        digest = sha256_file(self.path)
+        if digest != self.record["sha256"]:
+            raise CacheCorrupted(f"{self.path}: sha256 {digest} does not match the manifest's {self.record['sha256']}; "
+                                 "the file was altered: delete it and resume the cache writer")
+
     def _map(self) -> dict[str, np.ndarray]:
+        if self.stamps is not None:  # first read: verify once (a stamp remembers it for later runs)
+            if not self.stamps.covers(self.path, self.record["sha256"]):
+                self.verify()
+                self.stamps.add(self.path, self.record["sha256"])
+            self.stamps = None
         with open(self.path, "rb") as fh:
             buffer = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         tensors = {}
@@ -167,7 +215,11 @@ class CacheReader:
 
     Args:
         directory: a cache written by :class:`shared.cache_format.CacheWriter` (complete or not).
-        verify: check every shard's sha256 against the manifest (reads all data once).
+        verify: ``True``: check every shard's sha256 against the manifest now (reads all data);
+            ``"first_read"``: check each shard when its first row is read, and only once per file
+            version: a ``verified.json`` stamp beside the manifest (when the folder is writable)
+            records the size, mtime and sha256 of shards already checked, so a later run does not
+            hash a 0.4 TB cache again before training; ``False``: sizes and headers only.
 
     Raises:
         CacheError: no manifest or another format/version; CacheCorrupted: a listed shard is
@@ -179,8 +231,12 @@ class CacheReader:
         self.manifest = read_manifest(self.directory)
         self.spec = CacheSpec.from_manifest(self.manifest)
         self._shards: dict[int, _Shard] = {}
+        if verify not in (True, False, "first_read"):
+            raise ValueError(f"verify must be True, False or 'first_read', found {verify!r}")
+        stamps = VerifiedStamps(self.directory) if verify == "first_read" else None
         for record in self.manifest.get("shards", []):
             shard = _Shard(self.directory, record, self.spec, verify)
+            shard.stamps = stamps
             if (shard.first, shard.count) != self.spec.shard_range(int(record["index"])):
                 raise CacheCorrupted(f"{shard.path}: rows {shard.first}+{shard.count} disagree with "
                                      f"shard_size {self.spec.shard_size}")

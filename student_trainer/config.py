@@ -78,7 +78,7 @@ class TrainConfig:
     teacher_deadline_s: float = 300.0  # network mode without fallback: keep retrying this long, then checkpoint + stop
     teacher_probe_s: float = 10.0  # network mode on a fallback: how often to check whether the service is back
     teacher_cache: str | None = None  # cached mode: a folder written by `retnet-distill cache`
-    teacher_cache_verify: bool = True  # cached mode: check every shard's sha256 before training
+    teacher_cache_verify: bool = True  # cached mode: check each shard's sha256 at its first read (once per file)
     teacher_model: str = "smollm2-135m-instruct"  # network/cached modes: the served/cached teacher must be this one
     teacher_fingerprint: str | None = None  # the teacher weights' fingerprint (GET /v1/models); None: the first source's
     allow_teacher_mismatch: bool = False  # only warn when a source serves another model or weights

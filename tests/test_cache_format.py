@@ -178,6 +178,54 @@ def test_flipped_byte_is_caught_by_verify(tmp_path):
         CacheReader(tmp_path, verify=True)
 
 
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x40  # in the data buffer: size and header still fine
+    path.write_bytes(bytes(data))
+
+
+def test_first_read_verification_checks_each_shard_before_its_rows_are_used(tmp_path):
+    write_all(tmp_path, make_spec())
+    flip_a_byte(tmp_path / "shard-00002.safetensors")  # rows 6..8
+    reader = CacheReader(tmp_path, verify="first_read")  # opening hashes nothing
+    reader.lookup(0)  # shard 0 is fine
+    with pytest.raises(CacheCorrupted, match=r"shard-00002\.safetensors.*sha256"):
+        reader.lookup(7)
+    with pytest.raises(CacheCorrupted):
+        reader.lookup(6)  # still refused on the next try
+    with pytest.raises(ValueError, match="verify must be"):
+        CacheReader(tmp_path, verify="always")
+
+
+def test_a_verified_shard_is_not_hashed_again_until_its_file_changes(tmp_path, monkeypatch):
+    import shared.cache_reader as cache_reader
+
+    write_all(tmp_path, make_spec())
+    hashed: list[str] = []
+    real = cache_reader.sha256_file
+    monkeypatch.setattr(cache_reader, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    for row in range(10):
+        CacheReader(tmp_path, verify="first_read").lookup(row)  # a new reader (a new run) per row
+    assert sorted(hashed) == [f"shard-0000{i}.safetensors" for i in range(4)]  # once per shard, not per run
+    stamps = json.loads((tmp_path / "verified.json").read_text())
+    assert sorted(stamps) == sorted(set(hashed))
+    hashed.clear()
+    flip_a_byte(tmp_path / "shard-00001.safetensors")  # rewritten: another mtime
+    with pytest.raises(CacheCorrupted, match="sha256"):
+        CacheReader(tmp_path, verify="first_read").lookup(4)
+    assert hashed == ["shard-00001.safetensors"]
+
+
+def test_first_read_verification_works_where_the_stamp_cannot_be_written(tmp_path):
+    import os
+
+    write_all(tmp_path, make_spec())
+    (tmp_path / f".verified.json.{os.getpid()}.tmp").mkdir()  # the stamp's staging file cannot be created
+    reader = CacheReader(tmp_path, verify="first_read")
+    assert reader.lookup(9).length > 0 and reader.lookup(0).length > 0
+    assert not (tmp_path / "verified.json").exists()
+
+
 def test_truncated_shard_fails_at_open(tmp_path):
     write_all(tmp_path, make_spec())
     path = tmp_path / "shard-00001.safetensors"

@@ -117,3 +117,25 @@ def test_model_sources_report_what_is_wrong(tmp_path) -> None:
     with pytest.raises(ModelSourceError, match="does not exist"):
         resolve_model("./no/such/model", tmp_path)
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path).path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_teacher_computes_its_head_in_fp32(tiny_model_dir, dtype: str) -> None:
+    """With bf16/fp16 weights the transformer runs in that dtype, but the LM head is the exact fp32
+    product of its hidden states and weights: a bf16 head would round logits of ~20 to steps of 0.125."""
+    from teacher_server.engines.hf import HFEngine
+
+    engine = HFEngine(str(tiny_model_dir), device="cpu", dtype=dtype)
+    ids = random_ids(3, 48)
+    rows = engine.topk([EngineRequest([ids], k=16, temperature=1.0)])[0]
+    hidden = engine.hidden_states([ids])[0]
+    weight = engine.model.get_output_embeddings().weight.detach()
+    assert hidden.dtype == weight.dtype == getattr(torch, dtype)
+    exact = torch.log_softmax((hidden.double() @ weight.double().T)[:, :TINY_VOCAB], dim=-1)
+    rounded = torch.log_softmax((hidden @ weight.T).double()[:, :TINY_VOCAB], dim=-1)  # what a half head gives
+    picked = torch.from_numpy(rows.indices).long()
+    ours = torch.from_numpy(rows.logprobs).double()
+    err_ours = float((ours - exact.gather(1, picked)).abs().max())
+    err_rounded = float((rounded.gather(1, picked) - exact.gather(1, picked)).abs().max())
+    assert err_ours < 1e-4, err_ours
+    assert err_rounded > 10 * err_ours  # the test can tell the two apart

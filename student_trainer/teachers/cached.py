@@ -25,7 +25,8 @@ class CachedTeacher:
         data_manifest: the training shard set's manifest (its fingerprint and tokenizer must match).
         k, temperature: what this run asks for; a cache made otherwise is refused.
         teacher_model: when given, the cache must have been made by this teacher.
-        verify: check every shard's sha256 when opening (reads the whole cache once).
+        verify: check each shard's sha256 when its first row is read, once per shard file (a
+            ``verified.json`` stamp in the cache remembers it): no hashing of the whole cache at start.
     """
 
     def __init__(self, cache_dir: str | Path, data_manifest: dict, k: int, temperature: float,
@@ -42,7 +43,7 @@ class CachedTeacher:
             expected["teacher_model"] = teacher_model
         self.readers: dict[str, CacheReader] = {}
         for split in splits:
-            reader = CacheReader(self.cache_dir / split, verify=verify)
+            reader = CacheReader(self.cache_dir / split, verify="first_read" if verify else False)
             reader.check_compatible(split=split, **expected)
             if not reader.complete:
                 raise CacheMismatch(f"teacher cache {self.cache_dir / split} is incomplete; finish it by running the "
