@@ -95,6 +95,18 @@ def build_teacher(config: TrainConfig, data_manifest: dict[str, Any], on_switch=
     return source
 
 
+def check_resumed_teacher(config: TrainConfig, saved: dict[str, Any], teacher: TeacherSource) -> None:
+    """A run resumed with other teacher weights than it was trained with stops (unless allowed)."""
+    before, now = saved.get("weights_fingerprint") or "", getattr(teacher, "weights_fingerprint", "") or ""
+    if before and now and before != now:
+        message = (f"the checkpoint was trained with teacher weights {before[:16]}... ({saved.get('name')}), this run's "
+                   f"teacher {teacher.name} has {now[:16]}...: resuming would switch teachers mid-run; point the run "
+                   "at the same teacher")
+        if not config.allow_teacher_mismatch:
+            raise TeacherMismatch(message + " (or set allow_teacher_mismatch=true if you are sure)")
+        log.warning("%s (allowed by allow_teacher_mismatch)", message)
+
+
 def prepare_data(config: TrainConfig) -> Path:
     """The shard folder to train on; ``python-docs`` is built once with the teacher's tokenizer."""
     if config.train_data != "python-docs" or Path("python-docs").exists():
@@ -376,6 +388,7 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
     tokens_seen = 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, optimizers)
+        check_resumed_teacher(config, state.get("teacher", {}), teacher)
         dist.shard_loaded_optimizer_state(optimizers)
         tokens_seen = state["tokens_seen"]
         sampler.load_state_dict(state["sampler"])  # refuses a checkpoint of another world size by name
@@ -411,6 +424,7 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
                 "detector": detector.state_dict(),
                 "guard": guard.state_dict(), "lr": lr_control.state_dict(), "config": config_to_dict(config),
                 "teacher": {"name": teacher.name, "tokenizer_sha256": teacher.tokenizer_sha256, "k": teacher.k,
+                            "weights_fingerprint": getattr(teacher, "weights_fingerprint", ""),
                             "temperature": teacher.temperature}}
 
     last: dict[str, Any] = {}

@@ -316,3 +316,16 @@ def test_a_replica_down_at_start_is_skipped_and_the_other_serves(replicas, roots
         teacher.close()
     with pytest.raises(TeacherUnavailable, match="did not answer GET /v1/models"):
         network([dead], manifest)
+
+
+def test_resuming_with_other_teacher_weights_is_refused(roots, tmp_path, tiny_engine, other_weights_dir) -> None:
+    from teacher_server.engines.hf import HFEngine
+
+    settings = dict(max_steps=4, eval_every=4, save_every=2, stop_at_step=2)
+    train(tiny_config(tmp_path, roots[0] / "docs", **settings), teacher=DirectTeacher(tiny_engine, 16, 1.0))
+    other = DirectTeacher(HFEngine(str(other_weights_dir), device="cpu", dtype="float32"), 16, 1.0)
+    settings.pop("stop_at_step")
+    with pytest.raises(TeacherMismatch, match="resuming would switch teachers"):
+        train(tiny_config(tmp_path, roots[0] / "docs", **settings), teacher=other)
+    summary = train(tiny_config(tmp_path, roots[0] / "docs", allow_teacher_mismatch=True, **settings), teacher=other)
+    assert summary["steps"] == 4
