@@ -155,7 +155,9 @@ def test_cached_run_tracks_the_direct_run(roots, reference_cache, tiny_engine, t
     assert cached["metrics"]["eval/kl"] == pytest.approx(direct["metrics"]["eval/kl"], rel=5e-3)
 
 
-def test_a_flipped_byte_is_reported_and_nothing_trains(roots, reference_cache, tmp_path, tiny_engine) -> None:
+def test_a_flipped_byte_is_reported_and_nothing_trains_on_it(roots, reference_cache, tmp_path, tiny_model_dir) -> None:
+    """The shard's sha256 is checked before its first row is used (not the whole cache at start):
+    the run stops there, and no step trained on a row of the damaged shard."""
     broken = tmp_path / "broken"
     shutil.copytree(reference_cache, broken)
     victim = broken / "train" / "shard-00001.safetensors"
@@ -163,8 +165,14 @@ def test_a_flipped_byte_is_reported_and_nothing_trains(roots, reference_cache, t
     data[-10] ^= 0x01
     victim.write_bytes(bytes(data))
     with pytest.raises(CacheCorrupted, match=r"shard-00001\.safetensors.*sha256"):
-        train(tiny_config(tmp_path / "run", roots[0] / "docs", teacher_mode="cached", teacher_cache=str(broken)))
-    assert not (tmp_path / "run" / "checkpoints").exists()
+        train(tiny_config(tmp_path / "run", roots[0] / "docs", teacher_mode="cached", teacher_cache=str(broken),
+                          teacher_model=str(tiny_model_dir), max_steps=200, eval_every=200, save_every=200))
+    manifest = json.loads((broken / "train" / "manifest.json").read_text())
+    record = next(r for r in manifest["shards"] if r["file"] == victim.name)
+    damaged = set(range(record["first"], record["first"] + record["count"]))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = [row for line in lines for row in line.get("data/rows", [])]
+    assert not damaged & set(trained)
 
 
 def test_a_cache_for_other_settings_is_refused(roots, reference_cache, tmp_path) -> None:
