@@ -240,7 +240,9 @@ def _check_tensor_map(value: dict, max_tokens: int | None) -> None:
         raise MalformedBody(f"field 'input_ids': shape must be a list of non-negative ints, found {describe(shape)}")
     if len(shape) not in (1, 2):
         raise InvalidRequest(f"input_ids tensor must be 1-D (with 'lengths') or 2-D, found {len(shape)}-D")
-    if max_tokens is not None and max(shape) > max_tokens:
+    if max_tokens is not None and math.prod(shape) > max_tokens:
+        raise _too_many_tokens(math.prod(shape), max_tokens)
+    if max_tokens is not None and max(shape) > max_tokens:  # e.g. [0, 2**62]: no ids, but no sane shape
         raise RequestTooLarge(
             f"input_ids tensor of shape {describe(shape)} has a dimension over this server's {max_tokens} "
             "tokens per request (max_tokens_per_request); split the batch into smaller requests"
@@ -323,7 +325,7 @@ def decode_topk_request(body: bytes, fmt: WireFormat, max_tokens: int | None = N
         value = math.inf
     if not (math.isfinite(value) and value >= MIN_TEMPERATURE):
         raise InvalidRequest(
-            f"temperature must be finite and >= {MIN_TEMPERATURE} (smaller values overflow the logits / T), "
+            f"temperature must be finite and > 0, at least {MIN_TEMPERATURE} (smaller values overflow the logits / T), "
             f"found {describe(temperature)}"
         )
     return TopKRequest(sequences=sequences, k=k, temperature=value)

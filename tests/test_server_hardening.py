@@ -214,35 +214,40 @@ def structured(leaves, keys):
     tree = st.recursive(leaves, lambda kids: st.lists(kids, max_size=5) | st.dictionaries(keys, kids, max_size=5), max_leaves=30)
     request_like = st.fixed_dictionaries({}, optional={"input_ids": tree, "k": tree, "temperature": tree,
                                                        "lengths": tree, "protocol": tree})
-    return request_like | tree
+    ids = st.integers(-2, 330) | leaves  # mostly in the tiny vocabulary (320), sometimes not an id at all
+    near_valid = st.fixed_dictionaries(  # gets past the type checks often, so range checks and the engine run too
+        {"input_ids": st.lists(st.lists(ids, max_size=6), max_size=3)},
+        optional={"k": st.integers(-1, 40) | leaves, "temperature": st.floats(-1, 3) | st.sampled_from([1e-38, 1e-4, 1.0]) | leaves},
+    )
+    return near_valid | request_like | tree
 
 
 PACK_BODIES = structured(PACK_LEAVES | TENSOR_LIKE, KEYS | st.binary(max_size=8)).map(packb) | st.binary(max_size=200)
 JSON_BODIES = structured(JSON_LEAVES, KEYS).map(lambda obj: json.dumps(obj).encode()) | st.binary(max_size=200)
-FUZZ_SECONDS = 7.0  # per format: the run is bounded by time, not only by max_examples
+FUZZ_SECONDS = 7.0  # per format: hypothesis runs rounds of 50 examples until this much time has passed
 
 
 def fuzz(server, bodies, headers: dict) -> None:
-    started = time.monotonic()
     statuses: dict[int, int] = {}
     with httpx.Client(base_url=server.url, timeout=30) as client:
 
-        @settings(max_examples=2000, deadline=None, database=None, derandomize=False,
+        @settings(max_examples=50, deadline=None, database=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
         @given(body=bodies)
         def one(body: bytes) -> None:
-            if time.monotonic() - started > FUZZ_SECONDS:
-                return  # time is up: the remaining examples pass through at once
             response = client.post("/v1/topk", content=body, headers=headers)
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             assert response.status_code < 500, (body[:300], response.text[:300])
             if response.status_code != 200:
                 assert set(response.json()["error"]) == {"type", "message"}
 
-        one()
+        started = time.monotonic()
+        while time.monotonic() - started < FUZZ_SECONDS:
+            one()  # each round draws fresh random examples (no example database)
         assert client.get("/health").json() == {"status": "ok"}
         good_request(client)
-    assert sum(statuses.values()) > 50, statuses  # the run really sent bodies
+    assert sum(statuses.values()) >= 50, statuses
+    print(f"fuzz {headers['Content-Type']}: statuses {sorted(statuses.items())}")
 
 
 def test_random_msgpack_bodies_never_get_a_5xx(general):
@@ -295,7 +300,7 @@ def test_a_tiny_temperature_is_refused_with_the_bound(general):
     response = httpx.post(general.url + "/v1/topk", content=encode_topk_request([[1, 2]], k=4, temperature=1e-38),
                           headers=MSGPACK)
     assert response.status_code == 422, response.text
-    assert ">= 0.0001" in response.json()["error"]["message"]
+    assert "at least 0.0001" in response.json()["error"]["message"]
 
 
 def test_the_smallest_temperature_gives_finite_log_probs(general):
