@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,6 +27,14 @@ from shared.tensors import (
     tensor_from_json,
     tensor_to_json,
 )
+from shared.wire_checks import (
+    MIN_TEMPERATURE,
+    check_tensor_map,
+    describe,
+    is_int,
+    max_body_bytes,
+    too_many_tokens,
+)
 
 PROTOCOL_VERSION = 1
 MSGPACK = "application/msgpack"
@@ -37,41 +44,10 @@ WireFormat = Literal["msgpack", "json"]
 _MSGPACK_TYPES = {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
 _REQUEST_KEYS = {"input_ids", "k", "temperature", "lengths", "protocol"}
 
-# Below ~1e-37, logits / T overflows float32 to inf and the answer is NaN. At 1e-4 fp32 logits up to
-# ~3e34 stay finite, and the distribution is already one-hot for any real model.
-MIN_TEMPERATURE = 1e-4
-
-# The most bytes one token can take in a valid request body: msgpack, an int64 id in a list (type
-# byte + 8); JSON, an id of up to 7 digits, its separator and a pretty-printer's indentation. A
-# bigger body cannot be valid, so it is refused before it is read or parsed.
-BODY_BYTES_PER_TOKEN = {"msgpack": 9, "json": 24}
-BODY_OVERHEAD_BYTES = 4096
-
 # Reply bytes per top-k entry (id + float16 log-prob) and per row (float32 tail); JSON is an
 # estimate of the text (an id like "1234, " and a log-prob like "-12.3671875, ").
 _REPLY_ENTRY_BYTES = {"msgpack": 2, "json": 20}
 _REPLY_ROW_BYTES = {"msgpack": 4, "json": 16}
-
-_show = reprlib.Repr()  # bounded reprs for error messages: depth, length and big ints are cut
-_show.maxlevel, _show.maxstring, _show.maxother, _show.maxlong, _show.maxlist = 3, 60, 60, 60, 6
-
-
-def describe(value: Any) -> str:
-    """A short repr of a client's value for an error message, whatever its size or depth."""
-    if isinstance(value, (bytes, bytearray)):
-        return f"<{len(value)} bytes>"
-    if type(value) is int and value.bit_length() > 200:
-        return f"<an integer of {value.bit_length()} bits>"
-    try:
-        return _show.repr(value)
-    except (RecursionError, ValueError):  # reprlib still calls repr() on odd objects
-        return f"<a {type(value).__name__}>"
-
-
-def max_body_bytes(fmt: WireFormat, max_tokens: int) -> int:
-    """The largest body of format ``fmt`` that can hold a valid request of ``max_tokens`` tokens."""
-    return max_tokens * BODY_BYTES_PER_TOKEN[fmt] + BODY_OVERHEAD_BYTES
-
 
 def reply_bytes(num_tokens: int, k: int, vocab_size: int, fmt: WireFormat) -> int:
     """Size of a ``/v1/topk`` reply, computed before any work: ``[tokens, k]`` ids and log-probs
@@ -142,7 +118,7 @@ class TopKRequest:
         if self.k is not None and self.k > vocab_size:
             raise InvalidRequest(f"k must not exceed the vocabulary size {vocab_size}, found {self.k}")
         if self.num_tokens > max_tokens:
-            raise _too_many_tokens(self.num_tokens, max_tokens)
+            raise too_many_tokens(self.num_tokens, max_tokens)
         for i, seq in enumerate(self.sequences):
             if max_sequence_length is not None and len(seq) > max_sequence_length:
                 raise InvalidRequest(
@@ -196,17 +172,6 @@ def _load_body(body: bytes, fmt: WireFormat, max_items: int | None = None) -> An
         raise MalformedBody(f"body is not valid {fmt}: {exc}") from exc
 
 
-def _is_int(value: Any) -> bool:
-    return type(value) is int  # bool is a subclass of int, and True is not a token id
-
-
-def _too_many_tokens(count: int, max_tokens: int) -> RequestTooLarge:
-    return RequestTooLarge(
-        f"request has {count} tokens, this server accepts at most {max_tokens} per request; "
-        "split the batch into smaller requests"
-    )
-
-
 def _sequences_from_lists(input_ids: list, max_tokens: int | None) -> list[np.ndarray]:
     # Count first, from the list lengths alone, so an oversized batch is refused before any per-id work.
     for i, seq in enumerate(input_ids):
@@ -214,11 +179,11 @@ def _sequences_from_lists(input_ids: list, max_tokens: int | None) -> list[np.nd
             raise InvalidRequest(f"input_ids[{i}] must be a list of token ids, found {type(seq).__name__}")
     total = sum(len(seq) for seq in input_ids)
     if max_tokens is not None and total > max_tokens:
-        raise _too_many_tokens(total, max_tokens)
+        raise too_many_tokens(total, max_tokens)
     sequences = []
     for i, seq in enumerate(input_ids):
-        if not all(_is_int(t) for t in seq):
-            pos, bad = next((j, t) for j, t in enumerate(seq) if not _is_int(t))
+        if not all(is_int(t) for t in seq):
+            pos, bad = next((j, t) for j, t in enumerate(seq) if not is_int(t))
             raise InvalidRequest(f"input_ids[{i}][{pos}] must be an integer token id, found {describe(bad)}")
         try:
             sequences.append(np.array(seq, dtype=np.int64))
@@ -227,38 +192,16 @@ def _sequences_from_lists(input_ids: list, max_tokens: int | None) -> list[np.nd
     return sequences
 
 
-def _check_tensor_map(value: dict, max_tokens: int | None) -> None:
-    """Types and sizes of an input_ids tensor map, checked before numpy sees it: a non-string dtype,
-    a shape of 100 dimensions or of 2**64 ids must give a 4xx, not an exception inside numpy."""
-    if not all(isinstance(key, str) for key in value) or set(value) != {"dtype", "shape", "data"}:
-        found = sorted(describe(key) for key in value)
-        raise MalformedBody(f"field 'input_ids': expected a tensor map with keys dtype, shape, data (strings); found {found}")
-    dtype, shape = value["dtype"], value["shape"]
-    if not isinstance(dtype, str):
-        raise MalformedBody(f"field 'input_ids': dtype must be a string such as 'int32', found {describe(dtype)}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise MalformedBody(f"field 'input_ids': shape must be a list of non-negative ints, found {describe(shape)}")
-    if len(shape) not in (1, 2):
-        raise InvalidRequest(f"input_ids tensor must be 1-D (with 'lengths') or 2-D, found {len(shape)}-D")
-    if max_tokens is not None and math.prod(shape) > max_tokens:
-        raise _too_many_tokens(math.prod(shape), max_tokens)
-    if max_tokens is not None and max(shape) > max_tokens:  # e.g. [0, 2**62]: no ids, but no sane shape
-        raise RequestTooLarge(
-            f"input_ids tensor of shape {describe(shape)} has a dimension over this server's {max_tokens} "
-            "tokens per request (max_tokens_per_request); split the batch into smaller requests"
-        )
-
-
 def _sequences_from_tensor(tensor: np.ndarray, lengths: Any, max_tokens: int | None) -> list[np.ndarray]:
     if tensor.dtype.kind not in "iu":
         raise InvalidRequest(f"input_ids tensor must have an integer dtype, found {tensor.dtype.name}")
     if max_tokens is not None and tensor.size > max_tokens:
-        raise _too_many_tokens(tensor.size, max_tokens)
+        raise too_many_tokens(tensor.size, max_tokens)
     if tensor.ndim == 2:
         if lengths is not None:
             raise InvalidRequest("'lengths' goes with a 1-D packed input_ids tensor, not a 2-D one")
         return [row.astype(np.int64) for row in tensor]
-    if not isinstance(lengths, list) or not all(_is_int(n) and n >= 0 for n in lengths):
+    if not isinstance(lengths, list) or not all(is_int(n) and n >= 0 for n in lengths):
         raise InvalidRequest("a 1-D input_ids tensor needs 'lengths': a list of non-negative ints")
     if sum(lengths) != tensor.shape[0]:
         raise InvalidRequest(f"'lengths' sum to {describe(sum(lengths))} but input_ids has {tensor.shape[0]} ids")
@@ -289,7 +232,7 @@ def decode_topk_request(body: bytes, fmt: WireFormat, max_tokens: int | None = N
     if unknown:
         raise InvalidRequest(f"unknown field(s) {describe(sorted(unknown))}; expected {sorted(_REQUEST_KEYS)}")
     protocol = obj.get("protocol", PROTOCOL_VERSION)
-    if not (_is_int(protocol) and protocol == PROTOCOL_VERSION):
+    if not (is_int(protocol) and protocol == PROTOCOL_VERSION):
         raise InvalidRequest(f"protocol {describe(protocol)} is not supported; this server speaks {PROTOCOL_VERSION}")
     if "input_ids" not in obj:
         raise InvalidRequest("missing field 'input_ids' (a list of token-id lists)")
@@ -297,7 +240,7 @@ def decode_topk_request(body: bytes, fmt: WireFormat, max_tokens: int | None = N
     if is_tensor_map(input_ids):
         if fmt != "msgpack":
             raise InvalidRequest("tensor maps are for msgpack bodies; in JSON send nested lists")
-        _check_tensor_map(input_ids, max_tokens)
+        check_tensor_map(input_ids, max_tokens)
         sequences = _sequences_from_tensor(decode_tensor_msgpack(input_ids, "input_ids"), obj.get("lengths"), max_tokens)
     elif isinstance(input_ids, list):
         if "lengths" in obj:
@@ -312,7 +255,7 @@ def decode_topk_request(body: bytes, fmt: WireFormat, max_tokens: int | None = N
             raise InvalidRequest(f"input_ids[{i}] is empty: every sequence needs at least one token")
 
     k = obj.get("k")
-    if k is not None and not _is_int(k):
+    if k is not None and not is_int(k):
         raise InvalidRequest(f"k must be an integer, found {describe(k)}")
     temperature = obj.get("temperature", 1.0)
     if temperature is None:

@@ -379,7 +379,7 @@ def test_connections_beyond_limit_concurrency_get_503(queueing):
     # uvicorn counts open connections, the new one included: 15 pinned ones and the 16th is refused.
     pinned = [raw_post(queueing.port, b"\x81", content_length=1000) for _ in range(15)]
     try:
-        wait_until(lambda: metric_or_503(queueing.url) == 503, "a request beyond the connection limit to be refused")
+        wait_until(lambda: httpx.get(queueing.url + "/health", timeout=10).status_code == 503, "a request beyond the connection limit to be refused")
         statuses = [read_status(sock)[0] for sock in pinned]  # each half-sent body times out
     finally:
         for sock in pinned:
@@ -387,10 +387,6 @@ def test_connections_beyond_limit_concurrency_get_503(queueing):
     assert statuses.count(408) >= 14, statuses
     with httpx.Client(base_url=queueing.url, timeout=30) as client:
         good_request(client, tokens=64)
-
-
-def metric_or_503(url: str) -> int:
-    return httpx.get(url + "/health", timeout=10).status_code
 
 
 def test_docs_work_offline(general):
