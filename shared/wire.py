@@ -49,6 +49,7 @@ _REQUEST_KEYS = {"input_ids", "k", "temperature", "lengths", "protocol"}
 _REPLY_ENTRY_BYTES = {"msgpack": 2, "json": 20}
 _REPLY_ROW_BYTES = {"msgpack": 4, "json": 16}
 
+
 def reply_bytes(num_tokens: int, k: int, vocab_size: int, fmt: WireFormat) -> int:
     """Size of a ``/v1/topk`` reply, computed before any work: ``[tokens, k]`` ids and log-probs
     plus a tail per row (exact for msgpack, an estimate for JSON)."""
