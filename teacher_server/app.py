@@ -201,7 +201,7 @@ def create_app(
         if token_limit is not None:
             fit = max_body_bytes(fmt, token_limit)
             limits.append((fit, f"{fit} bytes, the most a {fmt} request of {token_limit} tokens (max_tokens_per_request) "
-                                "can take; send fewer tokens per request" + (", or use msgpack" if fmt == "json" else "")))
+                                "can take; send fewer tokens per request" + (", compact JSON or msgpack" if fmt == "json" else "")))
         declared = request.headers.get("content-length")
         for limit, why in limits:
             if declared is not None and declared.isdigit() and int(declared) > limit:

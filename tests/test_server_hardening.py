@@ -293,6 +293,25 @@ def test_health_answers_while_a_huge_bad_body_is_processed(general, fmt):
     assert rss_kb(general.proc.pid) - rss_before < 300_000  # the old code grew by about 1 GB
 
 
+def test_a_chunked_huge_body_is_cut_off_at_the_bound(general):
+    """No Content-Length to refuse up front: the server stops reading at the bound, answers 413, and
+    the connection serves the next request."""
+    chunks = (b"[1]," * 16384 for _ in range(128))  # 8 MB of JSON-looking bytes, sent chunked
+    with httpx.Client(base_url=general.url, timeout=60) as client:
+        response = client.post("/v1/topk", content=chunks, headers=JSON)
+        assert response.status_code == 413 and "4096 tokens" in response.json()["error"]["message"], response.text
+        good_request(client)
+
+
+def test_a_big_valid_json_body_is_decoded_off_the_event_loop_and_answered(general):
+    ids = [[(7 * i) % 300 for i in range(j, j + 1000)] for j in range(4)]
+    body = json.dumps({"input_ids": ids, "k": 2}, indent=8).encode()  # 4,000 tokens, pretty-printed
+    assert len(body) > 64 * 1024  # over the inline-decoding threshold: parsed in a worker thread
+    response = httpx.post(general.url + "/v1/topk", content=body, headers=JSON, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["lengths"] == [1000] * 4
+
+
 # ------------------------------------------------------- item 13: temperature bound, reply bound
 
 
