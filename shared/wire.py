@@ -27,6 +27,14 @@ from shared.tensors import (
     tensor_from_json,
     tensor_to_json,
 )
+from shared.wire_checks import (
+    MIN_TEMPERATURE,
+    check_tensor_map,
+    describe,
+    is_int,
+    max_body_bytes,
+    too_many_tokens,
+)
 
 PROTOCOL_VERSION = 1
 MSGPACK = "application/msgpack"
@@ -35,6 +43,18 @@ WireFormat = Literal["msgpack", "json"]
 
 _MSGPACK_TYPES = {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
 _REQUEST_KEYS = {"input_ids", "k", "temperature", "lengths", "protocol"}
+
+# Reply bytes per top-k entry (id + float16 log-prob) and per row (float32 tail); JSON is an
+# estimate of the text (an id like "1234, " and a log-prob like "-12.3671875, ").
+_REPLY_ENTRY_BYTES = {"msgpack": 2, "json": 20}
+_REPLY_ROW_BYTES = {"msgpack": 4, "json": 16}
+
+
+def reply_bytes(num_tokens: int, k: int, vocab_size: int, fmt: WireFormat) -> int:
+    """Size of a ``/v1/topk`` reply, computed before any work: ``[tokens, k]`` ids and log-probs
+    plus a tail per row (exact for msgpack, an estimate for JSON)."""
+    entry = _REPLY_ENTRY_BYTES[fmt] + (index_dtype(vocab_size).itemsize if fmt == "msgpack" else 0)
+    return num_tokens * (k * entry + _REPLY_ROW_BYTES[fmt])
 
 
 def format_from_content_type(content_type: str | None) -> WireFormat:
@@ -95,14 +115,11 @@ class TopKRequest:
             RequestTooLarge: more than ``max_tokens`` tokens in total.
         """
         if self.k is not None and not 1 <= self.k <= max_k:
-            raise InvalidRequest(f"k must be between 1 and {max_k} (this server's max_k), found {self.k}")
+            raise InvalidRequest(f"k must be between 1 and {max_k} (this server's max_k), found {describe(self.k)}")
         if self.k is not None and self.k > vocab_size:
             raise InvalidRequest(f"k must not exceed the vocabulary size {vocab_size}, found {self.k}")
         if self.num_tokens > max_tokens:
-            raise RequestTooLarge(
-                f"request has {self.num_tokens} tokens, this server accepts at most {max_tokens} per "
-                "request; split the batch into smaller requests"
-            )
+            raise too_many_tokens(self.num_tokens, max_tokens)
         for i, seq in enumerate(self.sequences):
             if max_sequence_length is not None and len(seq) > max_sequence_length:
                 raise InvalidRequest(
@@ -136,30 +153,39 @@ def encode_topk_request(
     return json.dumps(body).encode()
 
 
-def _load_body(body: bytes, fmt: WireFormat) -> Any:
+def _load_body(body: bytes, fmt: WireFormat, max_items: int | None = None) -> Any:
+    """Parse ``body``. With ``max_items``, a msgpack array or map longer than that is refused before
+    it is built (no valid request has an array longer than its token count, or a map of more than 5)."""
+    limits = {} if max_items is None else {"max_array_len": max(max_items, 16), "max_map_len": 16}
     try:
         if fmt == "msgpack":
-            return msgpack.unpackb(body, raw=False, strict_map_key=True)
+            return msgpack.unpackb(body, raw=False, strict_map_key=True, **limits)
         return json.loads(body)
     except RecursionError as exc:
         raise MalformedBody(f"{fmt} body nests too deeply") from exc
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         # ExtraData, FormatError, StackError, UnicodeDecodeError, JSONDecodeError are all ValueErrors.
+        if "exceeds max_array_len" in str(exc):
+            raise RequestTooLarge(
+                f"the body holds an array longer than this server's {max_items} tokens per request "
+                f"(max_tokens_per_request), so it cannot be a valid request; split it into smaller requests"
+            ) from exc
         raise MalformedBody(f"body is not valid {fmt}: {exc}") from exc
 
 
-def _is_int(value: Any) -> bool:
-    return type(value) is int  # bool is a subclass of int, and True is not a token id
-
-
-def _sequences_from_lists(input_ids: list) -> list[np.ndarray]:
-    sequences = []
+def _sequences_from_lists(input_ids: list, max_tokens: int | None) -> list[np.ndarray]:
+    # Count first, from the list lengths alone, so an oversized batch is refused before any per-id work.
     for i, seq in enumerate(input_ids):
         if not isinstance(seq, list):
             raise InvalidRequest(f"input_ids[{i}] must be a list of token ids, found {type(seq).__name__}")
-        if not all(_is_int(t) for t in seq):
-            pos, bad = next((j, t) for j, t in enumerate(seq) if not _is_int(t))
-            raise InvalidRequest(f"input_ids[{i}][{pos}] must be an integer token id, found {bad!r}")
+    total = sum(len(seq) for seq in input_ids)
+    if max_tokens is not None and total > max_tokens:
+        raise too_many_tokens(total, max_tokens)
+    sequences = []
+    for i, seq in enumerate(input_ids):
+        if not all(is_int(t) for t in seq):
+            pos, bad = next((j, t) for j, t in enumerate(seq) if not is_int(t))
+            raise InvalidRequest(f"input_ids[{i}][{pos}] must be an integer token id, found {describe(bad)}")
         try:
             sequences.append(np.array(seq, dtype=np.int64))
         except OverflowError as exc:
@@ -167,51 +193,60 @@ def _sequences_from_lists(input_ids: list) -> list[np.ndarray]:
     return sequences
 
 
-def _sequences_from_tensor(tensor: np.ndarray, lengths: Any) -> list[np.ndarray]:
+def _sequences_from_tensor(tensor: np.ndarray, lengths: Any, max_tokens: int | None) -> list[np.ndarray]:
     if tensor.dtype.kind not in "iu":
         raise InvalidRequest(f"input_ids tensor must have an integer dtype, found {tensor.dtype.name}")
+    if max_tokens is not None and tensor.size > max_tokens:
+        raise too_many_tokens(tensor.size, max_tokens)
     if tensor.ndim == 2:
         if lengths is not None:
             raise InvalidRequest("'lengths' goes with a 1-D packed input_ids tensor, not a 2-D one")
         return [row.astype(np.int64) for row in tensor]
-    if tensor.ndim != 1:
-        raise InvalidRequest(f"input_ids tensor must be 1-D (with 'lengths') or 2-D, found {tensor.ndim}-D")
-    if not isinstance(lengths, list) or not all(_is_int(n) and n >= 0 for n in lengths):
+    if not isinstance(lengths, list) or not all(is_int(n) and n >= 0 for n in lengths):
         raise InvalidRequest("a 1-D input_ids tensor needs 'lengths': a list of non-negative ints")
     if sum(lengths) != tensor.shape[0]:
-        raise InvalidRequest(f"'lengths' sum to {sum(lengths)} but input_ids has {tensor.shape[0]} ids")
-    bounds = np.cumsum([0, *lengths])
+        raise InvalidRequest(f"'lengths' sum to {describe(sum(lengths))} but input_ids has {tensor.shape[0]} ids")
+    bounds = np.cumsum([0, *lengths])  # every length is at most shape[0] here, so int64 holds them
     flat = tensor.astype(np.int64)
     return [flat[bounds[i] : bounds[i + 1]] for i in range(len(lengths))]
 
 
-def decode_topk_request(body: bytes, fmt: WireFormat) -> TopKRequest:
+def decode_topk_request(body: bytes, fmt: WireFormat, max_tokens: int | None = None) -> TopKRequest:
     """Decode and type-check a request body.
+
+    With ``max_tokens``, an oversized request is refused as early as its size is known: from array
+    lengths while parsing msgpack, from a tensor's shape, from list lengths, before any per-row object
+    is built.
 
     Raises:
         MalformedBody: undecodable bytes or a broken tensor map.
         InvalidRequest: wrong types, unknown keys, empty batch or sequence, bad k or temperature.
+        RequestTooLarge: more than ``max_tokens`` tokens.
     """
-    obj = _load_body(body, fmt)
+    obj = _load_body(body, fmt, max_items=max_tokens)
     if not isinstance(obj, dict):
         raise InvalidRequest(f"body must be a map with 'input_ids', found {type(obj).__name__}")
+    if not all(isinstance(key, str) for key in obj):
+        bad = next(key for key in obj if not isinstance(key, str))
+        raise InvalidRequest(f"field names must be strings, found {describe(bad)}; pack keys as str (msgpack use_bin_type=True)")
     unknown = set(obj) - _REQUEST_KEYS
     if unknown:
-        raise InvalidRequest(f"unknown field(s) {sorted(unknown)}; expected {sorted(_REQUEST_KEYS)}")
+        raise InvalidRequest(f"unknown field(s) {describe(sorted(unknown))}; expected {sorted(_REQUEST_KEYS)}")
     protocol = obj.get("protocol", PROTOCOL_VERSION)
-    if protocol != PROTOCOL_VERSION:
-        raise InvalidRequest(f"protocol {protocol!r} is not supported; this server speaks {PROTOCOL_VERSION}")
+    if not (is_int(protocol) and protocol == PROTOCOL_VERSION):
+        raise InvalidRequest(f"protocol {describe(protocol)} is not supported; this server speaks {PROTOCOL_VERSION}")
     if "input_ids" not in obj:
         raise InvalidRequest("missing field 'input_ids' (a list of token-id lists)")
     input_ids = obj["input_ids"]
     if is_tensor_map(input_ids):
         if fmt != "msgpack":
             raise InvalidRequest("tensor maps are for msgpack bodies; in JSON send nested lists")
-        sequences = _sequences_from_tensor(decode_tensor_msgpack(input_ids, "input_ids"), obj.get("lengths"))
+        check_tensor_map(input_ids, max_tokens)
+        sequences = _sequences_from_tensor(decode_tensor_msgpack(input_ids, "input_ids"), obj.get("lengths"), max_tokens)
     elif isinstance(input_ids, list):
         if "lengths" in obj:
             raise InvalidRequest("'lengths' goes with a packed input_ids tensor, not with nested lists")
-        sequences = _sequences_from_lists(input_ids)
+        sequences = _sequences_from_lists(input_ids, max_tokens)
     else:
         raise InvalidRequest(f"input_ids must be a list of lists or a tensor, found {type(input_ids).__name__}")
     if not sequences:
@@ -221,16 +256,23 @@ def decode_topk_request(body: bytes, fmt: WireFormat) -> TopKRequest:
             raise InvalidRequest(f"input_ids[{i}] is empty: every sequence needs at least one token")
 
     k = obj.get("k")
-    if k is not None and not _is_int(k):
-        raise InvalidRequest(f"k must be an integer, found {k!r}")
+    if k is not None and not is_int(k):
+        raise InvalidRequest(f"k must be an integer, found {describe(k)}")
     temperature = obj.get("temperature", 1.0)
     if temperature is None:
         temperature = 1.0
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise InvalidRequest(f"temperature must be a number, found {temperature!r}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise InvalidRequest(f"temperature must be finite and > 0, found {temperature!r}")
-    return TopKRequest(sequences=sequences, k=k, temperature=float(temperature))
+        raise InvalidRequest(f"temperature must be a number, found {describe(temperature)}")
+    try:
+        value = float(temperature)
+    except OverflowError:  # a JSON integer of hundreds of digits
+        value = math.inf
+    if not (math.isfinite(value) and value >= MIN_TEMPERATURE):
+        raise InvalidRequest(
+            f"temperature must be finite and > 0, at least {MIN_TEMPERATURE} (smaller values overflow the logits / T), "
+            f"found {describe(temperature)}"
+        )
+    return TopKRequest(sequences=sequences, k=k, temperature=value)
 
 
 # -------------------------------------------------------------------------------------- response
@@ -343,6 +385,7 @@ def error_body(error_type: str, message: str) -> dict[str, Any]:
 
 __all__ = [
     "JSON",
+    "MIN_TEMPERATURE",
     "MSGPACK",
     "PROTOCOL_VERSION",
     "InvalidRequest",
@@ -353,11 +396,14 @@ __all__ = [
     "UnsupportedContentType",
     "decode_topk_request",
     "decode_topk_response",
+    "describe",
     "encode_topk_request",
     "encode_topk_response",
     "error_body",
     "format_from_content_type",
     "index_dtype",
+    "max_body_bytes",
     "media_type",
+    "reply_bytes",
     "response_format",
 ]

@@ -67,7 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         server.should_exit = True
 
     app = create_app(settings, on_load_failure=on_load_failure)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        limit_concurrency=settings.limit_concurrency,
+        timeout_keep_alive=settings.timeout_keep_alive_s,
+    )
     server = uvicorn.Server(config)
     # uvicorn drains on SIGTERM, then re-raises it under the handler it found at start; with this
     # no-op handler a clean drain ends with exit code 0, as process managers and compose expect.

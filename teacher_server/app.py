@@ -1,7 +1,8 @@
 """The FastAPI application: routes, auth, body limits, error mapping, model loading.
 
 The model loads in a background thread after start-up, so ``/health`` answers at once and
-``/ready`` turns 200 when the engine can serve.
+``/ready`` turns 200 when the engine can serve. Every malformed body gets a 4xx JSON error and an
+unexpected exception a JSON 500; neither closes the keep-alive connection.
 """
 
 from __future__ import annotations
@@ -10,33 +11,41 @@ import asyncio
 import hmac
 import json
 import logging
-import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from shared.errors import MalformedBody, RequestTooLarge, UnsupportedContentType, WireError
 from shared.wire import (
+    MIN_TEMPERATURE,
     PROTOCOL_VERSION,
     TopKResponse,
     decode_topk_request,
     encode_topk_response,
     error_body,
     format_from_content_type,
+    max_body_bytes,
     media_type,
+    reply_bytes,
     response_format,
 )
 from teacher_server.batching import DynamicBatcher
 from teacher_server.cache_jobs import CacheJobs
+from teacher_server.docs import mount_offline_docs
 from teacher_server.engines.base import EngineRequest, TopKEngine
-from teacher_server.errors import NotReady, Unauthorized, status_for
-from teacher_server.metrics import ServerMetrics
+from teacher_server.errors import BodyTimeout, ClientGone, NotReady, UnexpectedErrorGuard, Unauthorized, status_for
+from teacher_server.metrics import ObserveRequests, ServerMetrics
 from teacher_server.settings import TeacherSettings
 
 log = logging.getLogger(__name__)
+
+# Bodies above this are decoded in a worker thread: the event loop keeps answering (/health, other
+# requests) meanwhile; smaller ones decode inline, where a thread hop would cost more than the parse.
+_INLINE_DECODE_BYTES = 64 * 1024
 
 _TOPK_OPENAPI = {
     "requestBody": {
@@ -49,7 +58,7 @@ _TOPK_OPENAPI = {
                     "properties": {
                         "input_ids": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
                         "k": {"type": "integer", "minimum": 1},
-                        "temperature": {"type": "number", "exclusiveMinimum": 0, "default": 1.0},
+                        "temperature": {"type": "number", "minimum": MIN_TEMPERATURE, "default": 1.0},
                     },
                 },
                 "example": {"input_ids": [[504, 3575, 282, 4649, 314]], "k": 5, "temperature": 1.0},
@@ -133,6 +142,7 @@ def create_app(
             max_batch_tokens=settings.batch_max_tokens,
             max_wait_s=settings.batch_max_wait_ms / 1e3,
             max_queued_tokens=settings.max_queued_tokens,
+            max_queue_wait_s=settings.max_queue_wait_s,
         )
         batcher.start()
         state.batcher = batcher
@@ -151,32 +161,27 @@ def create_app(
         version=str(PROTOCOL_VERSION),
         description="Top-k teacher log-probabilities over msgpack (fast path) or JSON.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's /docs loads Swagger UI from a CDN: mount_offline_docs serves it locally
     )
     app.state.teacher = state
+    mount_offline_docs(app)
+    # Last added runs first: metrics see the guard's 500 too.
+    app.add_middleware(UnexpectedErrorGuard)
+    app.add_middleware(ObserveRequests, metrics=state.metrics)
 
     @app.exception_handler(WireError)
     async def wire_error(request: Request, exc: WireError) -> JSONResponse:
+        status = status_for(exc)
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-        if status_for(exc) in (429, 503):
+        if status in (429, 503):
             headers = {"Retry-After": "1"}
-        return JSONResponse(error_body(exc.error_type, exc.message), status_code=status_for(exc), headers=headers)
+        if status == 408:  # the rest of the body may still be on its way: this connection is done
+            headers = {"Connection": "close"}
+        return JSONResponse(error_body(exc.error_type, exc.message), status_code=status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body("http_error", str(exc.detail)), status_code=exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(error_body("internal_error", f"{type(exc).__name__}: {exc}"), status_code=500)
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        state.metrics.observe_request(route.path if route else "unmatched", response.status_code, time.perf_counter() - started)
-        return response
 
     def check_key(request: Request) -> None:
         key = settings.api_key
@@ -189,32 +194,74 @@ def create_app(
         if not hmac.compare_digest(token.strip().encode(), key.get_secret_value().encode()):
             raise Unauthorized("the API key is not valid for this server")
 
-    async def read_body(request: Request) -> bytes:
-        limit = settings.max_body_bytes
+    async def read_body(request: Request, token_limit: int | None = None, fmt: str = "json") -> bytes:
+        """The body, within ``max_body_bytes`` and ``body_read_timeout_s``. With ``token_limit``, also
+        within the most bytes a valid request of that many tokens can take (refused before reading)."""
+        limits = [(settings.max_body_bytes, f"this server's limit of {settings.max_body_bytes} bytes")]
+        if token_limit is not None:
+            fit = max_body_bytes(fmt, token_limit)
+            limits.append((fit, f"{fit} bytes, the most a {fmt} request of {token_limit} tokens (max_tokens_per_request) "
+                                "can take; send fewer tokens per request" + (", compact JSON or msgpack" if fmt == "json" else "")))
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise RequestTooLarge(f"body of {declared} bytes exceeds this server's limit of {limit} bytes")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise RequestTooLarge(f"body exceeds this server's limit of {limit} bytes")
-        return bytes(body)
+        for limit, why in limits:
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise RequestTooLarge(f"body of {declared} bytes exceeds {why}")
+
+        async def receive_all() -> bytes:
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                for limit, why in limits:
+                    if len(body) > limit:
+                        raise RequestTooLarge(f"body exceeds {why}")
+            return bytes(body)
+
+        timeout = settings.body_read_timeout_s
+        try:  # a half-sent body would otherwise hold this task (and its connection slot) forever
+            return await asyncio.wait_for(receive_all(), timeout)
+        except TimeoutError as exc:
+            raise BodyTimeout(f"the request body did not arrive within {timeout:g} s (body_read_timeout_s); "
+                              "send the whole body at once") from exc
+        except ClientDisconnect as exc:
+            state.metrics.abandoned.inc()
+            raise ClientGone("the client disconnected while sending its body") from exc
+
+    def check_reply_size(tokens: int, k: int, vocab_size: int, fmt: str) -> None:
+        """Refuse up front a reply over ``max_reply_bytes`` (k=1024 made a 14 KB request a 36 MB reply)."""
+        limit, size = settings.max_reply_bytes, reply_bytes(tokens, k, vocab_size, fmt)
+        if size <= limit:
+            return
+        fitting_k = max(1, limit // max(1, reply_bytes(tokens, 1, vocab_size, fmt)))
+        fitting_tokens = limit // reply_bytes(1, k, vocab_size, fmt)
+        raise RequestTooLarge(
+            f"the {fmt} reply to {tokens} tokens at k={k} would take about {size} bytes, over this server's "
+            f"max_reply_bytes of {limit}; ask for less: a smaller k (at most {fitting_k} for these tokens) "
+            f"or fewer tokens per request (at most {fitting_tokens} at k={k})"
+            + ("; msgpack replies are several times smaller than JSON" if fmt == "json" else "")
+        )
 
     @app.post("/v1/topk", openapi_extra=_TOPK_OPENAPI, summary="Top-k log-probabilities per position")
     async def topk(request: Request) -> Response:
         """Row t of each sequence is log p(. | x_0..x_t) at the requested temperature, plus the exact tail."""
         check_key(request)
         request_fmt = format_from_content_type(request.headers.get("content-type"))
-        body = await read_body(request)
+        max_tokens = settings.max_tokens_per_request
+        body = await read_body(request, max_tokens, request_fmt)
         batcher = state.ready_batcher()
         engine = batcher.engine
-        req = decode_topk_request(body, request_fmt)
-        req.validate(engine.vocab_size, settings.max_k, settings.max_tokens_per_request, engine.max_sequence_length)
+
+        def decode():
+            decoded = decode_topk_request(body, request_fmt, max_tokens=max_tokens)
+            decoded.validate(engine.vocab_size, settings.max_k, max_tokens, engine.max_sequence_length)
+            return decoded
+
+        req = decode() if len(body) <= _INLINE_DECODE_BYTES else await asyncio.to_thread(decode)
         k = req.k if req.k is not None else min(settings.default_k, engine.vocab_size)
+        fmt = response_format(request.headers.get("accept"), request_fmt)
+        check_reply_size(req.num_tokens, k, engine.vocab_size, fmt)
         if hasattr(engine, "check_request"):  # an engine's own limits (vLLM: temperature 1 only) give 422, not 500
             engine.check_request(k, req.temperature)
-        rows, timing = await batcher.submit(EngineRequest(req.sequences, k, req.temperature))
+        rows, timing = await batcher.submit(EngineRequest(req.sequences, k, req.temperature), request.is_disconnected)
         response = TopKResponse(
             model=engine.model_name,
             tokenizer_sha256=engine.tokenizer_sha256,
@@ -228,7 +275,6 @@ def create_app(
             timing={"queue_ms": round(timing.queue_ms, 3), "compute_ms": round(timing.compute_ms, 3)},
             weights_fingerprint=engine.weights_fingerprint,
         )
-        fmt = response_format(request.headers.get("accept"), request_fmt)
         if fmt == "json":  # JSON of a big response takes a while: keep the event loop free
             payload = await asyncio.to_thread(encode_topk_response, response, fmt)
         else:
@@ -256,6 +302,9 @@ def create_app(
                     "max_k": settings.max_k,
                     "max_tokens_per_request": settings.max_tokens_per_request,
                     "max_body_bytes": settings.max_body_bytes,
+                    "max_reply_bytes": settings.max_reply_bytes,
+                    "min_temperature": MIN_TEMPERATURE,
+                    "max_queue_wait_s": settings.max_queue_wait_s,
                 }
             ],
         }

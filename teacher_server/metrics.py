@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -32,6 +35,14 @@ class ServerMetrics:
         )
         self.queue_requests = Gauge("teacher_queue_requests", "requests waiting for the engine", registry=self.registry)
         self.queue_tokens = Gauge("teacher_queue_tokens", "tokens waiting for the engine", registry=self.registry)
+        self.abandoned = Counter(
+            "teacher_requests_abandoned", "requests dropped uncomputed because their client disconnected",
+            registry=self.registry,
+        )
+        self.expired = Counter(
+            "teacher_requests_expired", "requests answered 503 after waiting longer than max_queue_wait_s",
+            registry=self.registry,
+        )
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route=route, status=str(status)).inc()
@@ -46,3 +57,33 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ObserveRequests:
+    """ASGI middleware: count every HTTP request by route and status and time it.
+
+    A plain ASGI middleware rather than ``@app.middleware("http")``: that one wraps ``receive``, and
+    the routes need the server's own ``receive`` to notice a client that disconnected.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            route = scope.get("route")  # FastAPI's router writes the matched route into the scope
+            self.metrics.observe_request(getattr(route, "path", "unmatched"), status, time.perf_counter() - started)
