@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import stat
+
 import numpy as np
 from safetensors.numpy import save as safetensors_save
 
@@ -232,6 +234,32 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def _write_nofollow(path: Path, data: bytes) -> None:
+    """:func:`atomic_write` that never follows a symlink: the temp file is created fresh with
+    ``O_EXCL | O_NOFOLLOW`` (a symlink planted under its name is refused, not written through), and
+    ``os.replace`` swaps the final name itself (a symlink there is replaced, never followed)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        os.unlink(tmp)  # a leftover of a killed writer of this pid (or a planted link): remove the name only
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def _is_regular_file(path: Path) -> bool:
+    """True for a regular file that is not a symlink (``lstat``: nothing is followed)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 # ---------------------------------------------------------------------------------------- writer
 
 
@@ -243,13 +271,25 @@ class CacheWriter:
     trusted when their file exists with the listed size (and sha256, with ``verify_existing``);
     the others are written again. Leftover temp files of a killed writer are removed. A lock file
     keeps a second writer out of the same directory while this one is open.
+
+    Nothing inside ``directory`` is followed through a symlink: the lock file is opened with
+    ``O_NOFOLLOW``, a symlinked manifest is refused, a symlinked shard counts as missing (and is
+    replaced by a real file), and files are written via fresh ``O_EXCL | O_NOFOLLOW`` temp files.
+    So a link planted in a cache folder cannot make the writer read or write outside it.
     """
 
     def __init__(self, directory: str | Path, spec: CacheSpec, verify_existing: bool = False) -> None:
         self.directory = Path(directory)
         self.spec = spec
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd: int | None = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._lock_fd: int | None = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            self._lock_fd = None
+            if os.path.islink(self.directory / LOCK):
+                raise CacheError(f"{self.directory / LOCK} is a symlink; a cache lock file must be a regular file "
+                                 "(remove the link, or choose another directory)") from None
+            raise CacheError(f"cannot open the lock file {self.directory / LOCK}: {exc.strerror}") from None
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -269,6 +309,9 @@ class CacheWriter:
                 path.unlink(missing_ok=True)
             else:
                 names.append(path.name)
+        if os.path.islink(self.directory / MANIFEST):
+            raise CacheError(f"{self.directory / MANIFEST} is a symlink; a cache manifest must be a regular file "
+                             "(remove the link, or choose another directory)")
         if MANIFEST not in names:
             foreign = [n for n in names if n != LOCK and not (n.startswith("shard-") and n.endswith(".safetensors"))]
             if foreign:
@@ -284,8 +327,8 @@ class CacheWriter:
         kept = {}
         for record in manifest.get("shards", []):
             path = self.directory / record["file"]
-            if not path.is_file() or path.stat().st_size != record["bytes"]:
-                continue  # half-copied or deleted: write it again
+            if not _is_regular_file(path) or path.stat().st_size != record["bytes"]:
+                continue  # half-copied, deleted or a symlink: write it again (os.replace swaps the name itself)
             if verify and sha256_file(path) != record["sha256"]:
                 continue
             kept[int(record["index"])] = record
@@ -326,7 +369,7 @@ class CacheWriter:
                  "target_type": spec.target_type, "q8_step": spec.q8_step}
         data = safetensors_save(tensors, metadata={FORMAT_NAME: json.dumps(about, sort_keys=True)})
         path = self.directory / shard_file_name(shard_index)
-        atomic_write(path, data)
+        _write_nofollow(path, data)
         record = {"index": shard_index, "file": path.name, "first": first, "count": count,
                   "rows": int(tensors["lengths"].sum()), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         self._shards[shard_index] = record
@@ -388,7 +431,7 @@ class CacheWriter:
                     "bytes_per_token": bytes_per_token(spec.target_type, spec.k, spec.vocab_size),
                     "num_shards": spec.num_shards, "complete": self.complete,
                     "shards": [self._shards[i] for i in sorted(self._shards)]}
-        atomic_write(self.directory / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        _write_nofollow(self.directory / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
     def close(self) -> None:
         """Release the directory lock (also on garbage collection and when the process dies)."""
