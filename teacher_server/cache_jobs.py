@@ -280,6 +280,7 @@ class CacheJobs:
                     self._save(job)
                 return
             job["state"] = "running"
+            job.setdefault("busy_retries", 0)  # jobs saved by older servers: add the key before the worker counts
             self._save(job)
             try:
                 batcher = batcher_getter()
