@@ -315,6 +315,25 @@ class CacheJobs:
         open time: the folders may have been swapped for symlinks since the job was posted."""
         data = resolve_inside(self.data_root, job["dataset"], "dataset")
         output = self._resolve_output(job["output"])
+        data_fd = os.open(data, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            self._fill(job, batcher, loop, cancel, self._opened_dataset(data_fd, data, job["dataset"]), output)
+        finally:
+            os.close(data_fd)
+
+    def _opened_dataset(self, fd: int, data: Path, name: str) -> Path:
+        """Where to read the dataset folder held open as ``fd``: ``/proc/self/fd/N`` (Linux), so the
+        reads stay in the folder opened here even if its path is swapped later, after checking that
+        this folder itself lies inside the data root (no swap can slip in between)."""
+        proc = Path(f"/proc/self/fd/{fd}")
+        at = proc if proc.is_dir() else data
+        root, real = self.data_root.resolve(), Path(os.path.realpath(at))
+        if real != root and root not in real.parents:
+            raise InvalidRequest(f"'dataset' {name!r} resolves outside the server's root (a symlink escape); refused")
+        return at
+
+    def _fill(self, job: dict[str, Any], batcher: DynamicBatcher, loop: asyncio.AbstractEventLoop,
+              cancel: threading.Event, data: Path, output: Path) -> None:
         check_dataset(data, job["split"], job["dataset"])
         spec = cache_spec(batcher.engine, data, job["split"], job["k"], job["temperature"], job["shard_size"],
                           job["target_type"], job["q8_step"])
@@ -333,7 +352,8 @@ class CacheJobs:
                        tokens_per_second=round(p.tokens_per_second, 1))
             self._save(job)
 
-        fill_cache(score, spec, data, output, sequences_per_request=per_request, progress=progress, cancel=cancel)
+        fill_cache(score, spec, data, output, sequences_per_request=per_request, progress=progress, cancel=cancel,
+                   confine_to=self.cache_root)
 
     def _score(self, job: dict[str, Any], batcher: DynamicBatcher, loop: asyncio.AbstractEventLoop,
                request: EngineRequest, cancel: threading.Event):

@@ -266,6 +266,30 @@ def test_a_planted_lock_or_manifest_symlink_is_not_followed(server, hroots) -> N
     assert not (cache_root / "linked-out").exists()
 
 
+def test_the_cache_writer_stays_in_the_folder_it_opened(tmp_path) -> None:
+    """The writer's own backstop for the instant between the job's check and its open: it checks
+    the folder it holds open, and a path swapped later does not redirect its writes."""
+    from shared.cache_format import CacheError, CacheWriter
+    from tests.test_cache_format import make_shard, make_spec
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    spec = make_spec()
+    with pytest.raises(CacheError, match="resolves outside"):
+        CacheWriter(root / "escape", spec, confine_to=root)
+    assert list(outside.iterdir()) == []  # not even the lock file
+
+    with CacheWriter(root / "out", spec, confine_to=root) as writer:
+        (root / "out").rename(root / "moved")
+        (root / "out").symlink_to(outside, target_is_directory=True)  # swapped after the open
+        for index, _, _ in writer.missing_shards():
+            writer.write_shard(index, **make_shard(spec, index))
+    assert list(outside.iterdir()) == []
+    assert CacheReader(root / "moved", verify=True).complete
+
+
 # ------------------------------------------------------------------ item 15: damaged job files
 
 
