@@ -83,7 +83,7 @@ def poll_job(client: httpx.Client, job: dict, split: str, interval_s: float = 0.
         time.sleep(interval_s)
         reply = client.get(f"/v1/cache/jobs/{job['id']}")
         if reply.status_code != 200:
-            print(file=sys.stderr)
+            print()  # end the progress line
             raise ValueError(f"polling job {job['id']} got {reply.status_code} from the server: {reply.text[:300]}")
         job = reply.json()
         print(f"\r{split}: {job['state']} {job['shards_done']}/{job['shards_total']} shards", end="", flush=True)
