@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import stat
+
 import numpy as np
 from safetensors.numpy import save as safetensors_save
 
@@ -212,24 +214,54 @@ def dequantize_q8(codes: np.ndarray, step: float) -> np.ndarray:
 # ------------------------------------------------------------------------------------ file utils
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    """The parsed manifest of the cache in ``directory``, format and version checked."""
+def read_manifest(directory: Path, shown_as: Path | None = None) -> dict[str, Any]:
+    """The parsed manifest of the cache in ``directory``, format and version checked.
+
+    ``shown_as``: the directory to name in messages (when ``directory`` is a ``/proc/self/fd`` path).
+    """
     path = directory / MANIFEST
+    shown = (shown_as or directory) / MANIFEST
     if not path.is_file():
-        raise CacheError(f"{path} not found: {directory} is not a teacher cache (expected a directory "
+        raise CacheError(f"{shown} not found: {shown.parent} is not a teacher cache (expected a directory "
                          "written by CacheWriter, with manifest.json and shard-*.safetensors)")
     try:
         manifest = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise CacheCorrupted(f"{path} is not valid JSON ({exc}); delete the cache directory and write it again") \
+        raise CacheCorrupted(f"{shown} is not valid JSON ({exc}); delete the cache directory and write it again") \
             from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise CacheError(f"{path}: format {found!r}, expected {FORMAT_NAME!r}")
+        raise CacheError(f"{shown}: format {found!r}, expected {FORMAT_NAME!r}")
     if manifest.get("version") != FORMAT_VERSION:
-        raise CacheError(f"{path}: version {manifest.get('version')!r}, this code reads version {FORMAT_VERSION}; "
+        raise CacheError(f"{shown}: version {manifest.get('version')!r}, this code reads version {FORMAT_VERSION}; "
                          "rewrite the cache with this version")
     return manifest
+
+
+def atomic_write_nofollow(path: Path, data: bytes) -> None:
+    """:func:`atomic_write` that never follows a symlink: the temp file is created fresh with
+    ``O_EXCL | O_NOFOLLOW`` (a symlink planted under its name is refused, not written through), and
+    ``os.replace`` swaps the final name itself (a symlink there is replaced, never followed)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        os.unlink(tmp)  # a leftover of a killed writer of this pid (or a planted link): remove the name only
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def _is_regular_file(path: Path) -> bool:
+    """True for a regular file that is not a symlink (``lstat``: nothing is followed)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------- writer
@@ -243,13 +275,43 @@ class CacheWriter:
     trusted when their file exists with the listed size (and sha256, with ``verify_existing``);
     the others are written again. Leftover temp files of a killed writer are removed. A lock file
     keeps a second writer out of the same directory while this one is open.
+
+    Nothing inside ``directory`` is followed through a symlink: the lock file is opened with
+    ``O_NOFOLLOW``, a symlinked manifest is refused, a symlinked shard counts as missing (and is
+    replaced by a real file), and files are written via fresh ``O_EXCL | O_NOFOLLOW`` temp files.
+    So a link planted in a cache folder cannot make the writer read or write outside it.
+
+    The writer holds ``directory`` open and works through ``/proc/self/fd/N`` (on Linux), so every
+    file it touches is in the directory it opened, even if that path is swapped for a symlink
+    later. With ``confine_to``, the opened directory must lie inside that folder (checked on the
+    open directory itself, so no swap can slip in between) or :class:`CacheError` is raised
+    before anything is written.
     """
 
-    def __init__(self, directory: str | Path, spec: CacheSpec, verify_existing: bool = False) -> None:
+    def __init__(self, directory: str | Path, spec: CacheSpec, verify_existing: bool = False,
+                 confine_to: str | Path | None = None) -> None:
         self.directory = Path(directory)
         self.spec = spec
+        self._lock_fd: int | None = None
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd: int | None = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        self._dir_fd: int | None = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        proc = Path(f"/proc/self/fd/{self._dir_fd}")
+        self._at = proc if proc.is_dir() else self.directory  # where file operations go
+        if confine_to is not None:
+            root = Path(confine_to).resolve()
+            real = Path(os.path.realpath(self._at))
+            if real != root and root not in real.parents:
+                self.close()
+                raise CacheError(f"{self.directory} resolves outside {root} (a symlink swapped in?); refused")
+        try:
+            self._lock_fd = os.open(self._at / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            planted_link = os.path.islink(self._at / LOCK)
+            self.close()
+            if planted_link:
+                raise CacheError(f"{self.directory / LOCK} is a symlink; a cache lock file must be a regular file "
+                                 "(remove the link, or choose another directory)") from None
+            raise CacheError(f"cannot open the lock file {self.directory / LOCK}: {exc.strerror}") from None
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -264,18 +326,21 @@ class CacheWriter:
 
     def _open_existing(self, verify: bool) -> dict[int, dict[str, Any]]:
         names = []
-        for path in self.directory.iterdir():
+        for path in self._at.iterdir():
             if is_temp_file(path.name):  # we hold the lock, so no live writer owns it
                 path.unlink(missing_ok=True)
             else:
                 names.append(path.name)
+        if os.path.islink(self._at / MANIFEST):
+            raise CacheError(f"{self.directory / MANIFEST} is a symlink; a cache manifest must be a regular file "
+                             "(remove the link, or choose another directory)")
         if MANIFEST not in names:
             foreign = [n for n in names if n != LOCK and not (n.startswith("shard-") and n.endswith(".safetensors"))]
             if foreign:
                 raise CacheError(f"{self.directory} has no {MANIFEST} but holds {sorted(foreign)[:5]}: "
                                  "it is not a teacher cache; choose an empty or new directory")
             return {}
-        manifest = read_manifest(self.directory)
+        manifest = read_manifest(self._at, shown_as=self.directory)
         existing = CacheSpec.from_manifest(manifest)
         diffs = existing.differences(self.spec)
         if diffs:
@@ -283,9 +348,9 @@ class CacheWriter:
                                 + "; ".join(diffs) + ". Write to a new directory, or delete this one to rebuild it")
         kept = {}
         for record in manifest.get("shards", []):
-            path = self.directory / record["file"]
-            if not path.is_file() or path.stat().st_size != record["bytes"]:
-                continue  # half-copied or deleted: write it again
+            path = self._at / record["file"]
+            if not _is_regular_file(path) or path.stat().st_size != record["bytes"]:
+                continue  # half-copied, deleted or a symlink: write it again (os.replace swaps the name itself)
             if verify and sha256_file(path) != record["sha256"]:
                 continue
             kept[int(record["index"])] = record
@@ -325,8 +390,8 @@ class CacheWriter:
         about = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "first": first, "count": count,
                  "target_type": spec.target_type, "q8_step": spec.q8_step}
         data = safetensors_save(tensors, metadata={FORMAT_NAME: json.dumps(about, sort_keys=True)})
-        path = self.directory / shard_file_name(shard_index)
-        atomic_write(path, data)
+        path = self._at / shard_file_name(shard_index)
+        atomic_write_nofollow(path, data)
         record = {"index": shard_index, "file": path.name, "first": first, "count": count,
                   "rows": int(tensors["lengths"].sum()), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         self._shards[shard_index] = record
@@ -388,13 +453,16 @@ class CacheWriter:
                     "bytes_per_token": bytes_per_token(spec.target_type, spec.k, spec.vocab_size),
                     "num_shards": spec.num_shards, "complete": self.complete,
                     "shards": [self._shards[i] for i in sorted(self._shards)]}
-        atomic_write(self.directory / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        atomic_write_nofollow(self._at / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
     def close(self) -> None:
         """Release the directory lock (also on garbage collection and when the process dies)."""
         if getattr(self, "_lock_fd", None) is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        if getattr(self, "_dir_fd", None) is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
     def __enter__(self) -> CacheWriter:
         return self

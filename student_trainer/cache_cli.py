@@ -63,16 +63,32 @@ def run_via_route(args: argparse.Namespace) -> int:
             if reply.status_code >= 400:
                 print(f"retnet-distill cache: the server refused the job ({reply.status_code}): {reply.text}", file=sys.stderr)
                 return 1
-            job = reply.json()
-            while job["state"] in ("queued", "running"):
-                time.sleep(0.5)
-                job = client.get(f"/v1/cache/jobs/{job['id']}").json()
-                print(f"\r{split}: {job['state']} {job['shards_done']}/{job['shards_total']} shards", end="", flush=True)
-            print()
+            job = poll_job(client, reply.json(), split)
             if job["state"] != "done":
-                print(f"retnet-distill cache: job {job['id']} ended {job['state']}: {job.get('error')}", file=sys.stderr)
+                print(f"retnet-distill cache: job {job['id']} ended {job['state']}: {job.get('error')}; "
+                      f"POST {args.teacher_url}/v1/cache/jobs/{job['id']}/resume continues it at the first "
+                      "missing shard", file=sys.stderr)
                 return 1
     return 0
+
+
+def poll_job(client: httpx.Client, job: dict, split: str, interval_s: float = 0.5) -> dict:
+    """Poll a cache job until it leaves ``queued``/``running``; returns its last state.
+
+    The server ends every job ``done``, ``failed`` (with ``error``), ``cancelled`` or, after a
+    restart, ``interrupted``, so this loop ends. A poll that gets no job back (the server lost it,
+    or answers an error) raises ``ValueError`` with the server's reply instead of looping on.
+    """
+    while job["state"] in ("queued", "running"):
+        time.sleep(interval_s)
+        reply = client.get(f"/v1/cache/jobs/{job['id']}")
+        if reply.status_code != 200:
+            print()  # end the progress line
+            raise ValueError(f"polling job {job['id']} got {reply.status_code} from the server: {reply.text[:300]}")
+        job = reply.json()
+        print(f"\r{split}: {job['state']} {job['shards_done']}/{job['shards_total']} shards", end="", flush=True)
+    print()
+    return job
 
 
 def run_cache(args: argparse.Namespace) -> int:

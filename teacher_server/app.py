@@ -110,7 +110,8 @@ class _ServerState:
         self.engine: TopKEngine | None = None
         self.batcher: DynamicBatcher | None = None
         self.load_error: str | None = None
-        self.cache_jobs = CacheJobs(settings.data_root, settings.cache_root, settings.max_k)
+        self.cache_jobs = CacheJobs(settings.data_root, settings.cache_root, settings.max_k,
+                                    busy_retry_s=settings.cache_job_busy_retry_s)
 
     def ready_batcher(self) -> DynamicBatcher:
         if self.batcher is None:
@@ -153,6 +154,7 @@ def create_app(
         loader = asyncio.create_task(load_and_serve())
         yield
         loader.cancel()
+        state.cache_jobs.shutdown()  # jobs stop as 'interrupted' before the batcher they wait on stops
         if state.batcher is not None:
             await state.batcher.stop()
 
@@ -314,7 +316,7 @@ def create_app(
             raise UnsupportedContentType("cache jobs take application/json")
         try:
             return json.loads(await read_body(request))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply to parse
             raise MalformedBody(f"body is not valid json: {exc}") from exc
 
     @app.post("/v1/cache/jobs", status_code=202, summary="Start a cache-writer job (resumes an existing output)")

@@ -43,6 +43,7 @@ class TeacherSettings(BaseSettings):
     timeout_keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections close after this many seconds")
     data_root: str = Field("data", description="cache jobs: datasets are names inside this folder")
     cache_root: str = Field("cache", description="cache jobs: outputs (and job state) go inside this folder")
+    cache_job_busy_retry_s: float = Field(60.0, ge=0, description="cache jobs: how long a job retries while the queue is full (429) before it fails")
     api_key: SecretStr | None = Field(None, description="if set, /v1/* needs 'Authorization: Bearer <key>'")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     parent_pid: int | None = Field(None, ge=1, description="drain and exit when this process is gone (set by a parent that starts the service)")

@@ -64,12 +64,15 @@ def fill_cache(
     sequences_per_request: int = 16,
     progress: Callable[[CacheProgress], None] | None = None,
     cancel: threading.Event | None = None,
+    confine_to: str | Path | None = None,
 ) -> CacheProgress:
     """Write every missing shard of the cache at ``output``; returns the final progress.
 
     A killed fill resumes at the first missing shard (the writer keeps the manifest current after
     every shard). Each shard's sequences are scored ``sequences_per_request`` at a time, so a
     server fill interleaves with other clients' requests instead of holding the engine.
+    ``confine_to`` (the server's cache root): the writer refuses an ``output`` that, once opened,
+    lies outside it (see :class:`CacheWriter`).
 
     Raises:
         shared.cache_format.CacheMismatch: ``output`` holds a cache with another identity.
@@ -80,7 +83,7 @@ def fill_cache(
         raise ValueError(f"{data_dir} was tokenized with another tokenizer than the teacher's; preprocess it "
                          "with the teacher's tokenizer first")
     started = time.perf_counter()
-    with CacheWriter(output, spec) as writer:
+    with CacheWriter(output, spec, confine_to=confine_to) as writer:
         missing = writer.missing_shards()
         state = CacheProgress(spec.num_shards - len(missing), spec.num_shards, 0, 0, 0.0)
         for shard_index, first, count in missing:
