@@ -12,9 +12,11 @@ Numpy only (no torch): the teacher server's cache writer reads the same shards a
 from __future__ import annotations
 
 import bisect
+import errno
 import io
 import json
 import mmap
+import os
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +85,25 @@ class ShardWriter:
         self._tokens, self._masks, self._lengths = [], [], []
 
 
-def read_manifest(folder: str | Path) -> dict[str, Any]:
+def _open_nofollow(path: Path) -> int:
+    """A read-only descriptor of ``path`` that refuses a symlink there (servers confined to a root)."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ShardError(f"{path.name} is a symlink; only regular files are read here") from None
+        raise ShardError(f"{path.name} cannot be opened ({exc.strerror})") from None
+
+
+def read_manifest(folder: str | Path, follow_symlinks: bool = True) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ShardError(f"{path} not found: expected a shard folder written by `retnet-distill preprocess`")
-    manifest = json.loads(path.read_text())
+    if follow_symlinks:
+        manifest = json.loads(path.read_text())
+    else:
+        with os.fdopen(_open_nofollow(path), "rb") as fh:
+            manifest = json.loads(fh.read())
     if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
         raise ShardError(
             f"{path}: format {manifest.get('format')!r} v{manifest.get('version')}, expected {FORMAT_NAME!r} v{FORMAT_VERSION}"
@@ -98,7 +114,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 class _ShardFiles:
     """Memory maps of one shard."""
 
-    def __init__(self, folder: Path, record: dict[str, Any], seq_len: int) -> None:
+    def __init__(self, folder: Path, record: dict[str, Any], seq_len: int, follow_symlinks: bool = True) -> None:
         self.arrays: dict[str, np.ndarray] = {}
         shapes = {"tokens": (record["rows"], seq_len), "mask": (record["rows"], seq_len), "lengths": (record["rows"],)}
         for name in _FILES:
@@ -106,7 +122,14 @@ class _ShardFiles:
             if not path.is_file():
                 raise ShardError(f"shard file {path} is missing")
             try:
-                array = np.load(path, mmap_mode="r", allow_pickle=False)
+                if follow_symlinks:
+                    array = np.load(path, mmap_mode="r", allow_pickle=False)
+                else:  # map the very file opened without following a link (a swap cannot redirect it)
+                    fd = _open_nofollow(path)
+                    try:
+                        array = np.load(f"/proc/self/fd/{fd}", mmap_mode="r", allow_pickle=False)
+                    finally:
+                        os.close(fd)  # the mapping keeps the file
             except (ValueError, OSError) as exc:
                 raise ShardError(f"shard file {path} is truncated or corrupted: {exc}") from exc
             if array.shape != shapes[name]:
@@ -137,11 +160,14 @@ class TokenShardReader:
         split: ``train`` or ``val``.
         verify: check every shard file's sha256 against the manifest (reads all data once).
         release_bytes: how much is read between releases of mapped pages.
+        follow_symlinks: False refuses a symlinked manifest or shard file, and maps the files it
+            opened (the teacher service's cache jobs, confined to ``TEACHER_DATA_ROOT``; Linux).
     """
 
-    def __init__(self, folder: str | Path, split: str = "train", verify: bool = False, release_bytes: int = 64 << 20) -> None:
+    def __init__(self, folder: str | Path, split: str = "train", verify: bool = False, release_bytes: int = 64 << 20,
+                 follow_symlinks: bool = True) -> None:
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
+        self.manifest = read_manifest(self.folder, follow_symlinks)
         splits = self.manifest["splits"]
         if split not in splits:
             raise ShardError(f"{self.folder} has no split {split!r}; it has {sorted(splits)}")
@@ -156,7 +182,7 @@ class TokenShardReader:
                         raise ShardError(f"shard file {path} is missing")
                     if sha256_file(path) != record["sha256"][name]:
                         raise ShardError(f"shard file {path} is corrupted: its sha256 does not match the manifest")
-        self._shards = [_ShardFiles(self.folder, record, self.seq_len) for record in records]
+        self._shards = [_ShardFiles(self.folder, record, self.seq_len, follow_symlinks) for record in records]
         self.release_bytes = release_bytes
         self._read_since_release = 0
         self._starts = list(np.cumsum([0] + [record["rows"] for record in records])[:-1])

@@ -202,8 +202,10 @@ class DynamicBatcher:
     async def _run_alone(self, loop: asyncio.AbstractEventLoop, item: _Pending) -> TopKRows | None:
         try:
             return (await loop.run_in_executor(self._executor, self.engine.topk, [item.request]))[0]
-        except Exception as exc:  # the engine's own message goes back to this client only
+        except Exception as exc:  # the kind of failure goes back to this client; its text (paths, internals) to the log
             log.exception("engine failed on one request")
             if not item.future.done():
-                item.future.set_exception(EngineFailure(f"the engine failed on this request: {exc}"))
+                item.future.set_exception(EngineFailure(
+                    f"the engine failed on this request ({type(exc).__name__}; the server's log has the details); "
+                    "other requests are served"))
             return None

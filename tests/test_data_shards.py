@@ -138,3 +138,27 @@ def test_iterating_two_gigabytes_keeps_rss_flat(tmp_path) -> None:
     peak = max(peak, _rss_bytes())
     assert checksum == sum((s + 1) * rows_per_shard for s in range(shards))
     assert peak - before < 100 * 1024**2, f"RSS grew by {(peak - before) / 1024**2:.0f} MB"
+
+
+def test_a_confined_reader_refuses_symlinked_files_and_maps_what_it_opened(tmp_path) -> None:
+    """The teacher service's cache jobs read shard sets with ``follow_symlinks=False``: a shard file
+    or manifest replaced by a symlink (to a file outside the data root) is refused; a plain reader
+    (the trainer's own data) follows links as before."""
+    import shutil
+
+    from shared.token_shards import TokenShardReader
+
+    tokens = write_shard_set(tmp_path / "data", rows=10, seq_len=8, rows_per_shard=5)
+    np.testing.assert_array_equal(TokenShardReader(tmp_path / "data", follow_symlinks=False).row(7)[0], tokens[7])
+    manifest = json.loads((tmp_path / "data" / MANIFEST).read_text())
+    victim = tmp_path / "data" / manifest["splits"]["train"]["shards"][1]["files"]["tokens"]
+    outside = tmp_path / "outside.npy"
+    shutil.move(victim, outside)
+    os.symlink(outside, victim)
+    with pytest.raises(ShardError, match="is a symlink"):
+        TokenShardReader(tmp_path / "data", follow_symlinks=False)
+    np.testing.assert_array_equal(TokenShardReader(tmp_path / "data").row(7)[0], tokens[7])
+    shutil.move(tmp_path / "data" / MANIFEST, tmp_path / "manifest-outside.json")
+    os.symlink(tmp_path / "manifest-outside.json", tmp_path / "data" / MANIFEST)
+    with pytest.raises(ShardError, match="is a symlink"):
+        TokenShardReader(tmp_path / "data", follow_symlinks=False)

@@ -78,7 +78,8 @@ def fill_cache(
         shared.cache_format.CacheMismatch: ``output`` holds a cache with another identity.
         FillCancelled: ``cancel`` was set (between requests).
     """
-    reader = TokenShardReader(data_dir, spec.split)
+    # a server's job (confined) reads no symlinked dataset file, even one swapped in after its checks
+    reader = TokenShardReader(data_dir, spec.split, follow_symlinks=confine_to is None)
     if spec.tokenizer_sha256 != reader.manifest["tokenizer_sha256"]:
         raise ValueError(f"{data_dir} was tokenized with another tokenizer than the teacher's; preprocess it "
                          "with the teacher's tokenizer first")
