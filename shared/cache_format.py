@@ -238,24 +238,6 @@ def read_manifest(directory: Path, shown_as: Path | None = None) -> dict[str, An
     return manifest
 
 
-def atomic_write_nofollow(path: Path, data: bytes) -> None:
-    """:func:`atomic_write` that never follows a symlink: the temp file is created fresh with
-    ``O_EXCL | O_NOFOLLOW`` (a symlink planted under its name is refused, not written through), and
-    ``os.replace`` swaps the final name itself (a symlink there is replaced, never followed)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        os.unlink(tmp)  # a leftover of a killed writer of this pid (or a planted link): remove the name only
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
 def _is_regular_file(path: Path) -> bool:
     """True for a regular file that is not a symlink (``lstat``: nothing is followed)."""
     try:
@@ -391,7 +373,7 @@ class CacheWriter:
                  "target_type": spec.target_type, "q8_step": spec.q8_step}
         data = safetensors_save(tensors, metadata={FORMAT_NAME: json.dumps(about, sort_keys=True)})
         path = self._at / shard_file_name(shard_index)
-        atomic_write_nofollow(path, data)
+        atomic_write(path, data)
         record = {"index": shard_index, "file": path.name, "first": first, "count": count,
                   "rows": int(tensors["lengths"].sum()), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         self._shards[shard_index] = record
@@ -453,7 +435,7 @@ class CacheWriter:
                     "bytes_per_token": bytes_per_token(spec.target_type, spec.k, spec.vocab_size),
                     "num_shards": spec.num_shards, "complete": self.complete,
                     "shards": [self._shards[i] for i in sorted(self._shards)]}
-        atomic_write_nofollow(self._at / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        atomic_write(self._at / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
     def close(self) -> None:
         """Release the directory lock (also on garbage collection and when the process dies)."""

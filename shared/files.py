@@ -17,9 +17,18 @@ def fsync_path(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write via ``.{name}.tmp-{pid}``, fsync, rename: readers see the old file or the new, never half."""
+    """Write via ``.{name}.tmp-{pid}``, fsync, rename: readers see the old file or the new, never half.
+
+    The temporary file is created fresh (``O_EXCL | O_NOFOLLOW``; a leftover name of a killed writer
+    of this pid, or a planted link, is removed first), so a symlink there can never redirect it.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())

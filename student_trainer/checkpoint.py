@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared.files import fsync_path
+
 STATE_FILE = "trainer_state.json"
 REQUIRED_FILES = ("model/config.json", "model/model.safetensors", "optimizer.pt", "rng.pt")
 log = logging.getLogger(__name__)
@@ -68,16 +70,7 @@ def _fsync_tree(folder: Path) -> None:
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
     for path in [*sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)), folder]:
-        fsync_dir(path)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a folder's entries (a rename into it, new files) durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(path)
 
 
 def save_checkpoint(
@@ -103,7 +96,7 @@ def save_checkpoint(
         if final.exists():  # the same step saved again (e.g. a final save right after a periodic one)
             shutil.rmtree(final)
         os.replace(staging, final)
-        fsync_dir(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

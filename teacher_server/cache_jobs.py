@@ -33,7 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shared.cache_format import TARGET_TYPES, CacheError, atomic_write_nofollow
+from shared.cache_format import TARGET_TYPES, CacheError
+from shared.files import atomic_write
 from shared.errors import InvalidRequest, WireError
 from shared.token_shards import FORMAT_NAME as SHARDS_FORMAT
 from shared.token_shards import FORMAT_VERSION as SHARDS_VERSION
@@ -198,7 +199,7 @@ class CacheJobs:
         with self._lock:
             job["updated"] = time.time()
             self.jobs_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_nofollow(self.jobs_dir / f"{job['id']}.json", json.dumps(job, indent=2).encode())
+            atomic_write(self.jobs_dir / f"{job['id']}.json", json.dumps(job, indent=2).encode())
 
     def _resolve_output(self, name: Any) -> Path:
         output = resolve_inside(self.cache_root, name, "output")
