@@ -37,7 +37,8 @@ from student_trainer.optim import LRController, OptimConfig, build_optimizers, c
 from student_trainer.targets import TeacherTargets
 from student_trainer.teachers import CachedTeacher, DirectTeacher, TeacherSource
 from student_trainer.teachers.fallback import FallbackTeacher
-from student_trainer.teachers.network import NetworkTeacher, TeacherError, TeacherMismatch, TeacherUnavailable
+from student_trainer.teachers.network import (NetworkTeacher, TeacherError, TeacherMismatch, TeacherUnavailable,
+                                              refuse_or_warn)
 from student_trainer.telemetry import Telemetry, memory_metrics
 from teacher_server.engines.model_source import model_name
 
@@ -86,12 +87,13 @@ def build_teacher(config: TrainConfig, data_manifest: dict[str, Any], on_switch=
                                     cache_dir=config.model_cache_dir)
     expected, found = config.teacher_fingerprint, source.weights_fingerprint
     if expected and found != expected:
-        message = (f"teacher {source.name} has weights fingerprint {found[:16]}..., but teacher_fingerprint="
-                   f"{expected[:16]}...: these are other weights; point the run at the teacher it was meant for")
-        if not config.allow_teacher_mismatch:
+        try:
+            refuse_or_warn(f"teacher {source.name} has weights fingerprint {found[:16]}..., but teacher_fingerprint="
+                           f"{expected[:16]}...: these are other weights; point the run at the teacher it was meant "
+                           "for", config.allow_teacher_mismatch)
+        except TeacherMismatch:
             source.close()
-            raise TeacherMismatch(message + " (or set allow_teacher_mismatch=true if you are sure)")
-        log.warning("%s (allowed by allow_teacher_mismatch)", message)
+            raise
     return source
 
 
@@ -99,12 +101,9 @@ def check_resumed_teacher(config: TrainConfig, saved: dict[str, Any], teacher: T
     """A run resumed with other teacher weights than it was trained with stops (unless allowed)."""
     before, now = saved.get("weights_fingerprint") or "", getattr(teacher, "weights_fingerprint", "") or ""
     if before and now and before != now:
-        message = (f"the checkpoint was trained with teacher weights {before[:16]}... ({saved.get('name')}), this run's "
-                   f"teacher {teacher.name} has {now[:16]}...: resuming would switch teachers mid-run; point the run "
-                   "at the same teacher")
-        if not config.allow_teacher_mismatch:
-            raise TeacherMismatch(message + " (or set allow_teacher_mismatch=true if you are sure)")
-        log.warning("%s (allowed by allow_teacher_mismatch)", message)
+        refuse_or_warn(f"the checkpoint was trained with teacher weights {before[:16]}... ({saved.get('name')}), this "
+                       f"run's teacher {teacher.name} has {now[:16]}...: resuming would switch teachers mid-run; point "
+                       "the run at the same teacher", config.allow_teacher_mismatch)
 
 
 def prepare_data(config: TrainConfig) -> Path:

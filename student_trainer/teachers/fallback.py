@@ -12,7 +12,7 @@ import torch
 
 from student_trainer.targets import TeacherTargets
 from student_trainer.teachers.base import TeacherSource
-from student_trainer.teachers.network import TeacherMismatch, TeacherUnavailable
+from student_trainer.teachers.network import TeacherMismatch, TeacherUnavailable, refuse_or_warn
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,9 @@ class FallbackTeacher:
                                       "temperature; every teacher of the chain must give the same targets")
             ours, theirs = getattr(first, "weights_fingerprint", ""), getattr(other, "weights_fingerprint", "")
             if ours and theirs and ours != theirs:
-                message = (f"fallback teacher {other.name} has weights fingerprint {theirs[:16]}... but {first.name} "
-                           f"has {ours[:16]}...: a switch would change the teacher in the middle of the run; use "
-                           "the same weights on both sides (or set allow_teacher_mismatch=true if you are sure)")
-                if not allow_mismatch:
-                    raise TeacherMismatch(message)
-                log.warning("%s (allowed by allow_teacher_mismatch)", message)
+                refuse_or_warn(f"fallback teacher {other.name} has weights fingerprint {theirs[:16]}... but "
+                               f"{first.name} has {ours[:16]}...: a switch would change the teacher in the middle "
+                               "of the run; use the same weights on both sides", allow_mismatch)
         self.sources, self.probe_interval_s, self.on_switch = sources, probe_interval_s, on_switch
         self.active = 0
         self._last_probe = 0.0

@@ -51,6 +51,14 @@ class TeacherRejected(TeacherError):
     """A teacher refused a request as invalid (4xx): the configuration is wrong, retrying cannot help."""
 
 
+def refuse_or_warn(message: str, allow: bool) -> None:
+    """Another teacher than the run's: :class:`TeacherMismatch`, or a warning when the user allowed it
+    (``allow_teacher_mismatch``)."""
+    if not allow:
+        raise TeacherMismatch(message + " (or set allow_teacher_mismatch=true if you are sure they are the same)")
+    log.warning("%s (allowed by allow_teacher_mismatch)", message)
+
+
 def same_model(a: str, b: str) -> bool:
     """Whether two model names denote the same model: a server names a local folder by its last
     component (``/models/Llama-3.2-1B`` is served as ``Llama-3.2-1B``), a GGUF file by its stem."""
@@ -69,10 +77,17 @@ class TeacherIdentity:
     tokenizer_sha256: str
     vocab_size: int
 
+    @classmethod
+    def from_models_entry(cls, info: dict) -> "TeacherIdentity":
+        """From an entry of ``GET /v1/models`` (servers before the fingerprint send none)."""
+        return cls(str(info["id"]), str(info.get("weights_fingerprint") or ""), str(info["tokenizer_sha256"]),
+                   int(info["vocab_size"]))
+
     def differences(self, other: "TeacherIdentity") -> list[str]:
-        """Human-readable differences from ``other`` (empty: the same teacher as far as both can tell)."""
+        """Human-readable differences from ``other`` (empty: the same teacher as far as both can tell);
+        an empty ``model`` (the run names none) or fingerprint on either side is not compared."""
         found = []
-        if not same_model(self.model, other.model):
+        if self.model and not same_model(self.model, other.model):
             found.append(f"model {other.model!r} instead of {self.model!r}")
         if self.weights_fingerprint and other.weights_fingerprint and self.weights_fingerprint != other.weights_fingerprint:
             found.append(f"weights fingerprint {other.weights_fingerprint[:16]}... instead of {self.weights_fingerprint[:16]}...")
@@ -157,11 +172,10 @@ class NetworkTeacher:
 
     def _mismatch(self, where: str, differences: list[str], fix: str) -> None:
         message = f"{where} serves {'; '.join(differences)}. {fix}"
-        if not self.allow_mismatch:
-            raise TeacherMismatch(message + " (or set allow_teacher_mismatch=true if you are sure they are the same)")
-        if message not in self._warned:
-            self._warned.add(message)
-            log.warning("%s (allowed by allow_teacher_mismatch)", message)
+        if self.allow_mismatch and message in self._warned:
+            return  # warned once per distinct mismatch, not once per reply
+        self._warned.add(message)
+        refuse_or_warn(message, self.allow_mismatch)
 
     def _models(self, url: str) -> dict:
         """``GET /v1/models`` of one replica, its first entry; 401/403 and other 4xx are configuration errors."""
@@ -195,8 +209,7 @@ class NetworkTeacher:
                 unreachable.append(str(exc))
                 self._down_until[index] = time.monotonic() + 10.0
                 continue
-            served = TeacherIdentity(str(info["id"]), str(info.get("weights_fingerprint") or ""),
-                                     str(info["tokenizer_sha256"]), int(info["vocab_size"]))
+            served = TeacherIdentity.from_models_entry(info)
             if (served.tokenizer_sha256, served.vocab_size) != (expected.tokenizer_sha256, expected.vocab_size):
                 raise TeacherMismatch(
                     f"teacher {url} serves {served.model} with tokenizer sha256 {served.tokenizer_sha256[:12]}... and "
@@ -205,9 +218,7 @@ class NetworkTeacher:
                     "teacher whose tokenizer made the data, or preprocess the data with this teacher's tokenizer"
                 )
             self._check_limits(url, info, max_sequence_length, max_request_tokens)
-            reference = identity or expected
-            differences = reference.differences(served) if reference.model else \
-                [d for d in reference.differences(served) if not d.startswith("model ")]
+            differences = (identity or expected).differences(served)
             if differences:
                 fix = ("every replica must serve the same teacher" if identity else
                        "set teacher_model (and teacher_fingerprint) to the served teacher, or point teacher_url at "
@@ -301,9 +312,7 @@ class NetworkTeacher:
                 reply = httpx.get(f"{url}/v1/models", headers=self.headers, timeout=timeout)
                 if reply.status_code != 200:
                     continue
-                info = reply.json()["data"][0]
-                served = TeacherIdentity(str(info["id"]), str(info.get("weights_fingerprint") or ""),
-                                         str(info["tokenizer_sha256"]), int(info["vocab_size"]))
+                served = TeacherIdentity.from_models_entry(reply.json()["data"][0])
             except Exception:  # noqa: BLE001 - not answering properly is not healthy
                 continue
             if not self.identity.differences(served) or self.allow_mismatch:
