@@ -60,6 +60,10 @@ class TrainConfig:
     attention_transfer_lr: float = 1e-3
     attention_transfer_warmup: int = 10
     attention_transfer_loss: Literal["relative", "mse"] = "relative"
+    # the retention path (README: Long context): rows of >= chunkwise_min_length tokens train chunkwise
+    # (O(L * chunk)), shorter ones in parallel; null: never, unless chunkwise_recurrent forces it always
+    chunkwise_min_length: int | None = 1024
+    recurrent_chunk_size: int | None = None  # tokens per chunk; None: the preset's (512; tiny 16)
     chunkwise_recurrent: bool = False
     gradient_checkpointing: bool = False
     # data
@@ -132,6 +136,7 @@ class TrainConfig:
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, found {self.temperature}")
         self._check_retrofit()
+        self._check_chunking()
         stage2_steps = self.max_steps - self.attention_transfer_steps
         if self.warmup_steps >= stage2_steps:
             raise ConfigError(f"warmup_steps ({self.warmup_steps}) must be < the KD steps (max_steps "
@@ -153,6 +158,18 @@ class TrainConfig:
                               f"({self.teacher_deadline_s}): the other ranks wait that long for a rank whose "
                               "teacher is retrying")
 
+
+    def _check_chunking(self) -> None:
+        from student_trainer.model_config import PRESETS, StudentConfig
+
+        if self.recurrent_chunk_size is not None and self.recurrent_chunk_size < 1:
+            raise ConfigError(f"recurrent_chunk_size must be >= 1 (or null: the preset's), found {self.recurrent_chunk_size}")
+        preset = PRESETS[self.student_preset] if self.student_init == "random" else {}
+        chunk = self.recurrent_chunk_size or preset.get("recurrent_chunk_size", StudentConfig.recurrent_chunk_size)
+        if self.chunkwise_min_length is not None and self.chunkwise_min_length < chunk:
+            raise ConfigError(f"chunkwise_min_length ({self.chunkwise_min_length}) must be >= recurrent_chunk_size "
+                              f"({chunk}): a row shorter than one chunk gains nothing from the chunkwise path; raise "
+                              "chunkwise_min_length, lower recurrent_chunk_size, or set chunkwise_min_length=null")
 
     def _check_retrofit(self) -> None:
         if self.student_init != "random":

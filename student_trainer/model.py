@@ -2,20 +2,24 @@
 
 What is patched (by subclassing; TorchScale's own code does the rest):
 
-- ``_Retention.parallel_forward``: the retention normaliser is upstream's later fix
-  ``qk / qk.detach().abs().sum(-1).clamp(min=1, max=5e4)`` (0.3.0 takes ``abs`` *after* the signed row
-  sum, which can cancel to ~0, and has no upper clamp). The chunkwise path in 0.3.0 already normalises
-  by ``abs().sum().clamp(min=1)``; the recurrent path has no ``q k^T`` matrix to normalise (its state
-  carries TorchScale's running ``1/sqrt(scale)`` instead). All three differ from each other only by a
-  per-(token, head) factor, which the retention's group norm removes up to its epsilon.
+- One retention function, three ways to compute it: parallel (O(L^2) per layer), chunkwise (our own,
+  O(L * chunk)) and recurrent (O(1) per token) all compute TorchScale's recurrent form
+  ``o_n = sum_{m<=n} g^(n-m) (q_n . k_m) v_m / sqrt(S_n)``, ``S_n = sum_{j<=n} g^j``, to float rounding.
+  TorchScale 0.3.0 (and upstream's later ``abs().sum().clamp(1, 5e4)`` fix) divides each parallel row
+  by its |q k^T| sum and each chunkwise row by another bound, on the grounds that the group norm removes
+  any per-row factor; it does only up to its epsilon, and the three paths then disagree (0.19 nats
+  between chunkwise and parallel on a random-init tiny student, benchmarks/RESULTS.md). Every path here
+  runs on fp32 values, so the normaliser's one job (keeping fp16 finite) does not arise.
 - All three retention paths run on fp32 values and return the value dtype, so the recurrent state is
   fp32 and a bf16-cast model (not only autocast) runs.
 - ``_FP32RelPos``: the decay/rotary tables stay fp32 whatever the model is cast to, are rebuilt after
   every ``.to()``/``to_empty()``, are not saved (they follow from the config), and are computed with
   autocast off.
+- The path is chosen by length: batches of at least ``chunkwise_min_length`` tokens run chunkwise,
+  shorter ones in parallel (faster when short).
 - Decoding does not use ``RetNetDecoder.forward`` (its token-by-token ``is_first_step`` path crashes and
-  it pads single tokens to a chunk when chunkwise is on): ``prefill`` builds the recurrent state from one
-  parallel pass and ``step`` drives the layers with TorchScale's recurrent retention.
+  it pads single tokens to a chunk when chunkwise is on): ``prefill`` builds the recurrent state chunk by
+  chunk (the chunkwise path continued from a state: memory O(chunk^2 + state) at any prompt length) and ``step`` drives the layers with TorchScale's recurrent retention.
 """
 
 from __future__ import annotations
@@ -44,7 +48,6 @@ from student_trainer.model_config import PRESET_PARAM_COUNTS, PRESETS, StudentCo
 __all__ = ["PRESETS", "PRESET_PARAM_COUNTS", "RecurrentState", "RetNetStudent", "StudentConfig",
            "count_parameters", "sample_next_token", "split_params_for_muon"]
 
-RETENTION_SCALE_MAX = 5e4  # upper clamp of the retention normaliser (keeps fp16 finite)
 FORMAT_NAME = "retnet-student"
 FORMAT_VERSION = 1
 EMBED_KEY = "decoder.embed_tokens.weight"
@@ -87,15 +90,35 @@ class _FP32RelPos(RetNetRelPos):
 
     def forward(self, slen: int, activate_recurrent: bool = False, chunkwise_recurrent: bool = False):
         with _autocast_off(self.decay.device):
+            if chunkwise_recurrent and not activate_recurrent:  # not TorchScale's [H, C, C] chunk masks
+                return self._rotary(0, slen), _Chunks(self.decay, self.recurrent_chunk_size)
             return super().forward(slen, activate_recurrent, chunkwise_recurrent)
+
+    def prompt_chunk(self, start: int, length: int) -> tuple[tuple[torch.Tensor, torch.Tensor], "_Chunks"]:
+        """The retention's tables for tokens at positions ``start .. start + length - 1`` consumed after
+        a recurrent state (``RetNetStudent.prefill``): rotary ``(sin, cos)`` ``[length, dk]`` and decays."""
+        with _autocast_off(self.decay.device):
+            return self._rotary(start, length), _Chunks(self.decay, length, start)
+
+    def _rotary(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.arange(start, start + length, device=self.decay.device, dtype=torch.float32)
+        angles = index[:, None] * self.angle[None, :]
+        return torch.sin(angles), torch.cos(angles)
+
+
+@dataclass
+class _Chunks:
+    """The retention's "mask" on the chunkwise and prompt paths: per-head log-decays ``[H]`` (fp32), tokens
+    per chunk, and the position of the first token (after a recurrent state; 0 for a whole sequence)."""
+
+    log_decay: torch.Tensor
+    chunk_size: int
+    start: int = 0
 
 
 class _Retention(MultiScaleRetention):
-    """Multi-scale retention with the upstream normaliser and a prompt-state capture for ``prefill``;
+    """Multi-scale retention with the upstream normaliser and a whole-chunk recurrent step for ``prefill``;
     optionally its own group-norm epsilon and q/k/v biases (``StudentConfig.group_norm_eps``, ``qkv_bias``)."""
-
-    capture_state = False  # set by RetNetStudent.prefill around one parallel pass
-    captured: dict[str, torch.Tensor] | None = None
 
     def __init__(self, args: RetNetConfig, embed_dim: int, value_dim: int, num_heads: int) -> None:
         super().__init__(args, embed_dim, value_dim, num_heads)
@@ -108,36 +131,68 @@ class _Retention(MultiScaleRetention):
                 linear.bias = nn.Parameter(torch.zeros(linear.out_features))
 
     def parallel_forward(self, qr, kr, v, mask):
-        """qr, kr: [B, H, L, dk] fp32 (rotated); v: [B, L, H*dv]; mask: [H, L, L] -> [B, L, H, dv]."""
+        """qr, kr: [B, H, L, dk] fp32 (rotated); v: [B, L, H*dv]; mask: [H, L, L] -> [B, L, H, dv].
+
+        ``mask[n, m] = g^(n-m) / sqrt(S_n)`` with ``S_n = sum_{j<=n} g^j``: the recurrent path's own scale,
+        so parallel, chunkwise and recurrent outputs are the same numbers (no row normaliser, see the
+        module docstring)."""
         bsz, tgt_len, _ = v.size()
         vr = v.float().view(bsz, tgt_len, self.num_heads, self.head_dim).transpose(1, 2)
-        qk_mat = (qr @ kr.transpose(-1, -2)) * mask  # [B, H, L, L]
-        qk_mat = qk_mat / qk_mat.detach().abs().sum(dim=-1, keepdim=True).clamp(min=1, max=RETENTION_SCALE_MAX)
-        output = torch.matmul(qk_mat, vr).transpose(1, 2)
-        if self.capture_state:
-            self.captured = self._prompt_state(kr, vr, mask)
+        output = torch.matmul((qr @ kr.transpose(-1, -2)) * mask, vr).transpose(1, 2)
         return output.to(v.dtype)
 
     def recurrent_forward(self, qr, kr, v, decay, incremental_state):
+        if isinstance(decay, _Chunks):  # a chunk of a prompt after the state (RetNetStudent.prefill)
+            return self._chunks_forward(qr, kr, v, decay, incremental_state)
         # fp32 values keep the running state fp32 even in a bf16 model.
         return super().recurrent_forward(qr, kr, v.float(), decay, incremental_state).to(v.dtype)
 
     def chunk_recurrent_forward(self, qr, kr, v, inner_mask):
-        return super().chunk_recurrent_forward(qr, kr, v.float(), inner_mask).to(v.dtype)
+        return self._chunks_forward(qr, kr, v, inner_mask, {})
 
-    @staticmethod
-    def _prompt_state(kr: torch.Tensor, vr: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The state ``recurrent_forward`` would hold after the L prompt tokens.
+    def _chunks_forward(self, qr: torch.Tensor, kr: torch.Tensor, v: torch.Tensor, chunks: "_Chunks",
+                        state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The chunkwise path: L tokens in chunks of ``chunks.chunk_size`` (the last may be shorter),
+        each one :meth:`_chunk_step` after the state the earlier ones left in ``state`` (updated).
+        qr, kr: [B, H, L, dk] (rotated); v: [B, L, H*dv] -> [B, L, H, dv] in v's dtype."""
+        outputs = []
+        for begin in range(0, v.size(1), chunks.chunk_size):
+            end = begin + chunks.chunk_size
+            outputs.append(self._chunk_step(qr[:, :, begin:end], kr[:, :, begin:end], v[:, begin:end],
+                                            chunks.log_decay, chunks.start + begin, state))
+        return torch.cat(outputs, dim=1).to(v.dtype)
 
-        TorchScale's recurrence keeps ``scale_t = scale_{t-1} * g + 1 = sum_{j<=t} g^j`` and
-        ``kv_t = sum_{m<=t} g^(t-m) v_m k_m^T / sqrt(scale_t)``. The last row of the parallel mask is
-        exactly ``g^(L-1-m) / sqrt(scale_{L-1})``, so it gives both (its row sum is ``sqrt(scale)``).
-        kr: [B, H, L, dk]; vr: [B, H, L, dv]; mask: [H, L, L] -> prev_key_value [B, H, dv, dk], scale [H].
+    def _chunk_step(self, qr: torch.Tensor, kr: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                    start: int, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """TorchScale's recurrence over C tokens at once: the outputs token-by-token ``recurrent_forward``
+        gives at positions ``n = start .. start + C - 1``, and (in ``state``) its state after the last.
+
+        That recurrence keeps ``S_n = sum_{j<=n} g^j`` and ``kv_n = K_n / sqrt(S_n)`` with the raw sum
+        ``K_n = sum_{m<=n} g^(n-m) v_m k_m^T``; its output at ``n`` is ``q_n . kv_n``. Within a chunk,
+        ``K_n = g^(i+1) K_(start-1) + sum_{j<=i} g^(i-j) v_j k_j^T`` (i = n - start), so a chunk costs
+        one ``[C, C]`` decay-masked product per head plus one product with the incoming state.
+        qr, kr: [B, H, C, dk]; v: [B, C, H*dv]; log_decay: [H] -> [B, C, H, dv] fp32.
         """
-        with _autocast_off(kr.device):
-            weights = mask[:, -1, :].float()  # [H, L]
-            kv = (vr.float() * weights[None, :, :, None]).transpose(-1, -2) @ kr.float()
-            return {"prev_key_value": kv, "scale": weights.sum(dim=-1) ** 2}
+        bsz, length, _ = v.size()
+        with _autocast_off(v.device):
+            qr, kr = qr.float(), kr.float()
+            vr = v.float().view(bsz, length, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, C, dv]
+            log_g = log_decay.double()[:, None]  # [H, 1]; float64: S_n of slow heads far into a prompt
+            offsets = torch.arange(length, device=v.device, dtype=torch.float64)[None, :]  # i = 0 .. C-1
+            scale = torch.expm1((start + offsets + 1) * log_g) / torch.expm1(log_g)  # S_n = (1 - g^(n+1)) / (1 - g)
+            lag = offsets.T - offsets  # [C, C]: i - j
+            inner_decay = torch.where(lag >= 0, torch.exp(lag.clamp(min=0) * log_g[:, :, None]), 0.0).float()
+            output = ((qr @ kr.transpose(-1, -2)) * inner_decay) @ vr  # [B, H, C, dv]
+            new_raw = (vr * torch.exp((length - 1 - offsets) * log_g).float()[..., None]).transpose(-1, -2) @ kr
+            if "prev_key_value" in state:  # [B, H, dv, dk]: K_(start-1) / sqrt(S_(start-1))
+                previous = state["prev_key_value"] * state["scale"].sqrt().view(-1, 1, 1)
+                carried = torch.exp((offsets + 1) * log_g).float()[..., None]  # g^(i+1): [H, C, 1]
+                output = output + carried * (qr @ previous.transpose(-1, -2))
+                new_raw = new_raw + torch.exp(length * log_g).float()[..., None] * previous
+            output = output / scale.sqrt().float()[..., None]
+            state["prev_key_value"] = new_raw / scale[:, -1].sqrt().float().view(-1, 1, 1)
+            state["scale"] = scale[:, -1].float()
+        return output.transpose(1, 2)
 
 
 class _Layer(DecoderLayer):
@@ -156,6 +211,9 @@ class _Decoder(RetNetDecoder):
     def __init__(self, args: RetNetConfig, embed_tokens: nn.Embedding) -> None:
         super().__init__(args, embed_tokens=embed_tokens)
         self.retnet_rel_pos = _FP32RelPos(args)
+        # TorchScale pads a chunkwise batch to whole chunks for its own kernel; ours takes a shorter last
+        # chunk (the tables keep the real chunk size), so no padding.
+        self.recurrent_chunk_size = 1
 
     def build_decoder_layer(self, args, depth, is_moe_layer=False):
         return _Layer(args, depth, is_moe_layer=is_moe_layer)
@@ -228,9 +286,12 @@ class RetNetStudent(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, chunkwise: bool | None = None) -> torch.Tensor:
         """Final normed hidden states ``[B, L, d]`` for ids ``[B, L]`` (before the LM head).
 
-        ``chunkwise`` overrides the config's ``chunkwise_recurrent`` for this call.
+        ``chunkwise`` picks the retention path for this call; None: the config's choice for this length
+        (:meth:`StudentConfig.uses_chunkwise`).
         """
         _check_ids(input_ids, 2, "input_ids", "[B, L]")
+        if chunkwise is None:
+            chunkwise = self.config.uses_chunkwise(input_ids.size(1))
         with self._chunkwise(chunkwise):
             hidden, _ = self.decoder(input_ids, features_only=True)
         return hidden
@@ -262,22 +323,44 @@ class RetNetStudent(nn.Module):
         """An empty decoding state (no tokens consumed)."""
         return RecurrentState(position=0, layers=[{} for _ in self.decoder.layers])
 
-    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, RecurrentState]:
-        """Run a prompt ``[B, L]`` in one parallel pass: logits of its last position ``[B, V]`` and the
-        recurrent state after it (all rows share the length L; there is no padding mask)."""
+    def prefill(self, input_ids: torch.Tensor, state: RecurrentState | None = None,
+                chunk_size: int | None = None) -> tuple[torch.Tensor, RecurrentState]:
+        """Consume a prompt ``[B, L]`` chunk by chunk: logits of its last position ``[B, V]`` and the
+        recurrent state after it (all rows share the length L; there is no padding mask).
+
+        ``state``: continue from this state (e.g. a chat's earlier turns; it is not modified); None:
+        from an empty one. ``chunk_size``: tokens per chunk (None: the config's ``recurrent_chunk_size``);
+        memory is O(chunk^2 + state) whatever L, and the result equals token-by-token :meth:`step`.
+        """
         _check_ids(input_ids, 2, "input_ids", "[B, L]")
         _check_range(input_ids, self.config.vocab_size)
-        retentions = [layer.retention for layer in self.decoder.layers]
-        for retention in retentions:
-            retention.capture_state = True
-        try:
-            hidden = self.hidden_states(input_ids, chunkwise=False)
-            layers = [retention.captured for retention in retentions]
-        finally:
-            for retention in retentions:
-                retention.capture_state = False
-                retention.captured = None
-        return self.logits_from_hidden(hidden[:, -1]), RecurrentState(input_ids.size(1), layers)
+        chunk_size = chunk_size or self.config.recurrent_chunk_size
+        if chunk_size < 1:
+            raise ValueError(f"prefill: chunk_size must be >= 1, found {chunk_size}.")
+        state = state or self.new_state()
+        self._check_state(state, input_ids.size(0))
+        for start in range(0, input_ids.size(1), chunk_size):
+            hidden, state = self._consume(input_ids[:, start:start + chunk_size], state)
+        return self.logits_from_hidden(hidden[:, -1]), state
+
+    def _consume(self, chunk_ids: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
+        """``chunk_ids [B, C]`` after ``state`` -> final normed hidden states ``[B, C, d]`` and the new state."""
+        x, _ = self.decoder.forward_embedding(chunk_ids)
+        rel_pos = self.decoder.retnet_rel_pos.prompt_chunk(state.position, chunk_ids.size(1))
+        layers = [dict(layer_state) for layer_state in state.layers]
+        for layer, layer_state in zip(self.decoder.layers, layers):
+            x, _ = layer(x, layer_state, retention_rel_pos=rel_pos, chunkwise_recurrent=False)
+        if self.decoder.layer_norm is not None:
+            x = self.decoder.layer_norm(x)
+        return x, RecurrentState(state.position + chunk_ids.size(1), layers)
+
+    def _check_state(self, state: RecurrentState, batch_size: int) -> None:
+        if len(state.layers) != len(self.decoder.layers):
+            raise ValueError(f"state has {len(state.layers)} layers, the model {len(self.decoder.layers)}; "
+                             "use model.new_state() or model.prefill(...) to make one.")
+        kv = state.layers[0].get("prev_key_value")
+        if kv is not None and kv.size(0) != batch_size:
+            raise ValueError(f"the input has batch size {batch_size}, the state {kv.size(0)}.")
 
     def step(self, token_ids: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
         """Feed one token per row ``[B]``: logits ``[B, V]`` for the next token and the new state.
@@ -285,12 +368,7 @@ class RetNetStudent(nn.Module):
         The given state is not modified (the new one shares no mutable containers with it).
         """
         _check_ids(token_ids, 1, "token_ids", "[B]")
-        if len(state.layers) != len(self.decoder.layers):
-            raise ValueError(f"step: state has {len(state.layers)} layers, the model {len(self.decoder.layers)}; "
-                             "use model.new_state() or model.prefill(...) to make one.")
-        kv = state.layers[0].get("prev_key_value")
-        if kv is not None and kv.size(0) != token_ids.size(0):
-            raise ValueError(f"step: token_ids has batch size {token_ids.size(0)}, the state {kv.size(0)}.")
+        self._check_state(state, token_ids.size(0))
         x, _ = self.decoder.forward_embedding(token_ids[:, None])
         # TorchScale's recurrent tables for the token at index `position` (it takes slen - 1).
         rel_pos = self.decoder.retnet_rel_pos(state.position + 1, activate_recurrent=True)

@@ -31,7 +31,12 @@ class StudentConfig:
     value_dim: int
     dropout: float = 0.0
     activation_dropout: float = 0.0
+    # Which retention path scores a batch (training, evaluation): the parallel one is O(L^2) per layer,
+    # the chunkwise one O(L * chunk). Sequences of at least ``chunkwise_min_length`` tokens run chunkwise
+    # (None: never, unless ``chunkwise_recurrent``, which forces it at every length). The default is the
+    # crossover measured in benchmarks/bench_seq_scaling.py; prompts are always prefilled chunk by chunk.
     chunkwise_recurrent: bool = False
+    chunkwise_min_length: int | None = 1024
     recurrent_chunk_size: int = 512
     max_seq_len: int = 2048
     tie_embeddings: bool = True
@@ -52,6 +57,14 @@ class StudentConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"StudentConfig.{name} must be a positive integer, found {value!r}.")
+        if self.chunkwise_min_length is not None and (
+                isinstance(self.chunkwise_min_length, bool) or not isinstance(self.chunkwise_min_length, int)
+                or self.chunkwise_min_length < self.recurrent_chunk_size):
+            raise ValueError(
+                f"StudentConfig.chunkwise_min_length must be an integer >= recurrent_chunk_size "
+                f"({self.recurrent_chunk_size}) or None, found {self.chunkwise_min_length!r}: a sequence shorter "
+                "than one chunk is padded to a whole chunk, so the chunkwise path only costs more there; raise "
+                "chunkwise_min_length or lower recurrent_chunk_size.")
         if self.d_model % self.n_heads != 0:
             raise ValueError(
                 f"StudentConfig: d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
@@ -82,6 +95,10 @@ class StudentConfig:
             if len(self.rotary_inv_freq) != self.key_head_dim // 2:
                 raise ValueError(f"StudentConfig.rotary_inv_freq must hold key_head_dim / 2 = {self.key_head_dim // 2} "
                                  f"frequencies, found {len(self.rotary_inv_freq)}.")
+
+    def uses_chunkwise(self, length: int) -> bool:
+        """Whether a batch of ``length`` tokens per row is scored by the chunkwise retention path."""
+        return self.chunkwise_recurrent or (self.chunkwise_min_length is not None and length >= self.chunkwise_min_length)
 
     @property
     def key_head_dim(self) -> int:

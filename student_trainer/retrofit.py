@@ -257,9 +257,11 @@ def capture_attention(teacher_lm: nn.Module, input_ids: torch.Tensor, layers: Se
 
 def retention_output(student: RetNetStudent, layer: int, inputs: torch.Tensor) -> torch.Tensor:
     """Student layer ``layer``'s retention on already-normed ``inputs [B, L, d]`` -> ``[B, L, d]``
-    (the parallel path; the same computation the layer runs inside its residual block)."""
-    rel_pos = student.decoder.retnet_rel_pos(inputs.size(1))
-    return student.decoder.layers[layer].retention(inputs, rel_pos, chunkwise_recurrent=False)
+    (the same computation the layer runs inside its residual block, on the path the student's config
+    picks for this length: chunkwise for long rows)."""
+    chunkwise = student.config.uses_chunkwise(inputs.size(1))
+    rel_pos = student.decoder.retnet_rel_pos(inputs.size(1), chunkwise_recurrent=chunkwise)
+    return student.decoder.layers[layer].retention(inputs, rel_pos, chunkwise_recurrent=chunkwise)
 
 
 def valid_rows(tensor: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:

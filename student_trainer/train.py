@@ -131,8 +131,10 @@ def check_data(config: TrainConfig, folder: Path, manifest: dict[str, Any], teac
 
 def student_behaviour(config: TrainConfig) -> dict[str, Any]:
     """The :class:`StudentConfig` fields the training config sets whatever the student's shape."""
+    chunking = {} if config.recurrent_chunk_size is None else {"recurrent_chunk_size": config.recurrent_chunk_size}
     return {"max_seq_len": max(config.max_seq_length, 16), "chunkwise_recurrent": config.chunkwise_recurrent,
-            "gradient_checkpointing": config.gradient_checkpointing}
+            "chunkwise_min_length": config.chunkwise_min_length, "gradient_checkpointing": config.gradient_checkpointing,
+            **chunking}
 
 
 def build_student(config: TrainConfig, vocab_size: int, device: torch.device) -> RetNetStudent:
