@@ -44,7 +44,7 @@ MAIN_JOB_TINY = {
 # Muon: torch's Muon runs Newton-Schulz in bf16, which CPUs without bf16 instructions (AVX2-only, as
 # here) compute ~300x slower than the rest of a step. fp32: bf16 autocast is ~7x slower on such CPUs.
 MAIN_JOB_RETROFIT = {
-    "student_init": "teacher", "attention_transfer_steps": 60, "attention_transfer_lr": 1e-2,
+    "student_init": "teacher", "attention_transfer_steps": 90, "attention_transfer_lr": 1e-2,
     "attention_transfer_warmup": 3, "attention_transfer_loss": "relative",
     "max_seq_length": 128, "batch_size": 4, "teacher_topk": 64, "temperature": 1.0, "distill_alpha": 0.2,
     "optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 3, "grad_clip": 1.0,
@@ -52,7 +52,7 @@ MAIN_JOB_RETROFIT = {
     "saddle_detection": False, "prefetch_depth": 2, "precision": "fp32",
     "cpu_threads": 2,  # the student's step dominates; the service (1 thread) fits beside it
 }
-MAIN_JOB_STEPS = {"retrofit": 78, "tiny": 300}  # retrofit: 60 of attention transfer (~4.3 s each), 18 of KD (~10 s)
+MAIN_JOB_STEPS = {"retrofit": 100, "tiny": 300}  # retrofit: 90 of attention transfer (~3.7 s each), 10 of KD (~10 s)
 TEACHER_THREADS = {"retrofit": "1", "tiny": "2"}
 
 
