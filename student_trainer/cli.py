@@ -56,6 +56,15 @@ def _generate(args: argparse.Namespace) -> int:
 
     sampling = Sampling(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
                         max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.prompt_file is not None:
+        if args.prompt is not None:
+            print("retnet-distill generate: give --prompt or --prompt-file, not both", file=sys.stderr)
+            return 2
+        try:
+            args.prompt = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            print(f"retnet-distill generate: cannot read --prompt-file {args.prompt_file}: {exc}", file=sys.stderr)
+            return 1
     try:
         session = load_chat(args.checkpoint, args.tokenizer, sampling, device=args.device,
                             model_cache_dir=args.model_cache_dir)
@@ -202,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="chat with a student (streams tokens from the recurrent state)")
     gen.add_argument("--checkpoint", required=True, help="a run folder, a checkpoint or a model folder")
-    gen.add_argument("--prompt", default=None, help="one prompt; without it, an interactive chat")
+    gen.add_argument("--prompt", default=None, help="one prompt; without it (and --prompt-file), an interactive chat")
+    gen.add_argument("--prompt-file", default=None,
+                     help="read the one prompt from this file ('-': stdin), e.g. a long document and a question")
     gen.add_argument("--tokenizer", default=None, help="the teacher's tokenizer (default: the run's teacher_model)")
     gen.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     gen.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")

@@ -1,10 +1,11 @@
 """Chat with a student through the teacher tokenizer's chat template, decoding from the recurrent state.
 
 ``retnet-distill generate --checkpoint DIR --prompt TEXT`` answers one prompt; without ``--prompt`` it
-reads turns from the terminal. Every token is produced by one O(1) recurrent step; a new turn feeds
-only its own tokens into the state the conversation has built so far, so a long chat never
-re-reads its history (it falls back to one parallel prefill when the template renders the earlier
-turns differently from what was decoded).
+reads turns from the terminal. Every token is produced by one O(1) recurrent step; a prompt is
+consumed chunk by chunk (any length, memory O(chunk^2 + state)), and a new turn feeds only its own
+tokens into the state the conversation has built so far, so a long chat never re-reads its history
+(it starts the state over when the template renders the earlier turns differently from what was
+decoded).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class ChatSession:
         self.logits: torch.Tensor | None = None  # [1, V] next-token logits after ``consumed``
         self.stops = stop_ids(tokenizer)
         self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
-        self.prefills = 0  # full parallel prefills so far (1 per chat when turns extend the state)
+        self.prefills = 0  # prefills from an empty state so far (1 per chat when turns extend the state)
 
     def _render(self) -> str:
         if getattr(self.tokenizer, "chat_template", None):
@@ -65,15 +66,13 @@ class ChatSession:
         return "\n".join(m["content"] for m in self.messages) + "\n"
 
     def _feed(self, ids: list[int]) -> None:
-        """Advance the state over ``ids``: one O(1) step each, or a prefill for the first turn."""
+        """Advance the state over ``ids`` chunk by chunk (a long pasted document costs O(chunk^2 + state)
+        memory); the first turn starts from an empty state, later ones continue the chat's."""
         if not ids:
             return
         if self.state is None:
-            self.logits, self.state = self.student.prefill(torch.tensor([ids], device=self.device))
             self.prefills += 1
-        else:
-            for token in ids:
-                self.logits, self.state = self.student.step(torch.tensor([token], device=self.device), self.state)
+        self.logits, self.state = self.student.prefill(torch.tensor([ids], device=self.device), state=self.state)
         self.consumed.extend(ids)
 
     @torch.no_grad()

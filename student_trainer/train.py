@@ -85,6 +85,11 @@ def build_teacher(config: TrainConfig, data_manifest: dict[str, Any], on_switch=
         source = DirectTeacher.load(config.teacher_model, config.teacher_topk, config.temperature,
                                     device=config.teacher_device, dtype=config.teacher_dtype,
                                     cache_dir=config.model_cache_dir)
+        limit = source.engine.max_sequence_length
+        if limit is not None and config.max_seq_length > limit:  # the student has no limit; the teacher does
+            source.close()
+            raise ValueError(f"max_seq_length={config.max_seq_length} but the teacher {source.name} takes at most "
+                             f"{limit} positions; preprocess rows of <= {limit} tokens and set max_seq_length to match")
     expected, found = config.teacher_fingerprint, source.weights_fingerprint
     if expected and found != expected:
         try:

@@ -154,3 +154,46 @@ def test_training_chunkwise_follows_the_parallel_run(tmp_path, tiny_shards, tiny
     assert len(parallel) == len(chunkwise) == 12 + 2  # 12 steps, held-out loss at steps 0 and 12
     assert chunkwise == pytest.approx(parallel, rel=1e-3)
     assert parallel[11] < parallel[0]
+
+
+def test_a_context_beyond_the_direct_teachers_positions_is_refused_before_training(
+        tmp_path, tiny_model_dir) -> None:
+    """The student has no position limit, the teacher does (the tiny Llama: 1,024 positions)."""
+    from student_trainer.data.preprocess import PreprocessConfig, preprocess
+
+    shards = tmp_path / "long-rows"
+    preprocess(PreprocessConfig(inputs=["python-docs"], output=str(shards), tokenizer=str(tiny_model_dir),
+                                max_seq_length=2048, val_fraction=0.1, progress=False, corpus_dir=str(tmp_path / "c")))
+    settings = {"output_dir": str(tmp_path / "run"), "train_data": str(shards), "model_variant": "tiny", "device": "cpu",
+                "max_seq_length": 2048, "batch_size": 1, "max_steps": 2, "warmup_steps": 0, "wandb_mode": "disabled",
+                "progress": False, "teacher_mode": "direct", "teacher_model": str(tiny_model_dir), "teacher_topk": 16}
+    with pytest.raises(ValueError, match="max_seq_length=2048 but the teacher .* takes at most 1024 positions"):
+        train(load_config(None, [f"{key}={json.dumps(value)}" for key, value in settings.items()]))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_generate_answers_a_long_document_from_a_prompt_file(tmp_path, tiny_model_dir, capsys) -> None:
+    """``retnet-distill generate --prompt-file``: a ~6K-token document, far past the student's 256-token
+    training context, is consumed chunk by chunk into the state the answer is decoded from."""
+    from pydoc_data.topics import topics
+
+    from student_trainer.cli import main as cli_main
+    from student_trainer.generate import load_chat, Sampling
+    from tests.conftest import TINY_VOCAB
+
+    tiny_student(TINY_VOCAB).save(tmp_path / "student")
+    document = tmp_path / "doc.txt"
+    document.write_text("\n\n".join(topics[key] for key in sorted(topics)[:12]) + "\n\nWhat is this about?")
+    session = load_chat(str(tmp_path / "student"), str(tiny_model_dir), Sampling(greedy=True, max_new_tokens=3))
+    session.reply(document.read_text())
+    assert session.state.position == len(session.consumed) > 4000
+    with torch.no_grad():  # the state's next-token logits = the chunkwise pass over the whole prompt
+        expected = session.student(torch.tensor([session.consumed]))[0, -1]
+    torch.testing.assert_close(session.logits[0], expected, atol=1e-4, rtol=1e-4)
+
+    args = ["generate", "--checkpoint", str(tmp_path / "student"), "--tokenizer", str(tiny_model_dir), "--greedy",
+            "--max-new-tokens", "3"]
+    assert cli_main(args + ["--prompt-file", str(document)]) == 0
+    assert cli_main(args + ["--prompt-file", str(tmp_path / "missing.txt")]) == 1
+    assert "cannot read --prompt-file" in capsys.readouterr().err
+    assert cli_main(args + ["--prompt-file", str(document), "--prompt", "x"]) == 2
