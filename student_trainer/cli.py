@@ -38,7 +38,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                             batches=args.batches, batch_size=args.batch_size, device=args.device,
                             prompts=args.prompt or EvalSettings.__dataclass_fields__["prompts"].default_factory(),
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed, output_dir=args.output_dir, model_cache_dir=args.model_cache_dir)
+                            seed=args.seed, output_dir=args.output_dir, model_cache_dir=args.model_cache_dir,
+                            context=args.context, buckets=args.buckets, context_rows=args.context_rows)
     console = Console(stderr=True)
     try:
         with console.status("evaluating") as status:
@@ -47,6 +48,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"retnet-distill evaluate: {exc}", file=sys.stderr)
         return 1
     print_report(console, report)
+    if "long_context" in report:
+        from student_trainer.long_context import print_long_context
+
+        print_long_context(console, report["long_context"])
     print(json.dumps({"report": report["report_json"], "curves": report.get("curves_png"), **report["metrics"]}))
     return 0
 
@@ -207,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="sampling seed")
     ev.add_argument("--output-dir", default=None, help="where report.json and curves.png go (default: RUN/eval)")
     ev.add_argument("--model-cache-dir", default=DEFAULT_CACHE_DIR, help="where GGUF teachers are converted once")
+    ev.add_argument("--context", type=int, default=None,
+                    help="also score rows of N tokens (the split's rows concatenated; may exceed the training context) "
+                         "and report loss by position bucket")
+    ev.add_argument("--buckets", type=int, nargs="+", default=None,
+                    help="position edges of the --context table (default: 512 2048 8192 32768 ...)")
+    ev.add_argument("--context-rows", type=int, default=1, help="long rows of --context tokens to score")
     ev.set_defaults(handler=_evaluate)
 
     gen = commands.add_parser("generate", help="chat with a student (streams tokens from the recurrent state)")

@@ -9,7 +9,9 @@ rows of a shard set:
   parallel forward, in log-probability units (they must agree: generation uses the recurrent path);
 - decode speed through the recurrent state, and a few chat answers of student and teacher;
 
-and writes ``report.json`` plus ``curves.png`` from the run's ``metrics.jsonl``.
+and writes ``report.json`` plus ``curves.png`` from the run's ``metrics.jsonl``. With ``--context N`` the
+report also has a ``long_context`` section: loss by position bucket on rows of N tokens
+(:mod:`student_trainer.long_context`).
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ class EvalSettings:
     seed: int = 0
     output_dir: str | None = None  # None: <run>/eval
     model_cache_dir: str = DEFAULT_MODEL_CACHE_DIR
+    # Long-context evaluation (student_trainer/long_context.py); None: none (the report has no long_context).
+    context: int | None = None  # tokens per long row; may exceed the student's training context
+    buckets: list[int] | None = None  # inner position edges of the loss table; None: 512, 2048, 8192, ... (x4)
+    context_rows: int = 1  # long rows to score (fewer when the split holds fewer)
 
 
 @dataclass
@@ -250,6 +256,14 @@ def evaluate(settings: EvalSettings, progress: Any = None) -> dict[str, Any]:
                               f"tokenizer's ({engine.vocab_size}); was it trained with teacher {teacher_name}?")
     split = settings.split if settings.split in manifest["splits"] else "train"
     dataset = PretokenizedShardDataset(data_dir, split)
+    long_context = None  # first: a context the data cannot fill fails before the rest runs
+    if settings.context is not None:
+        from student_trainer.long_context import long_context_metrics
+
+        say(f"long-context loss on rows of {settings.context} tokens")
+        long_context = long_context_metrics(student, teacher_lm, dataset, engine.vocab_size, settings.context,
+                                            settings.context_rows, settings.buckets,
+                                            train_context=checkpoint.train_config.get("max_seq_length"))
 
     say(f"held-out metrics on {data_dir.name}/{split}")
     metrics = heldout_metrics(student, teacher_lm, dataset, engine.vocab_size, settings.batches, settings.batch_size, device)
@@ -273,6 +287,8 @@ def evaluate(settings: EvalSettings, progress: Any = None) -> dict[str, Any]:
                      "max_new_tokens": settings.max_new_tokens},
         "settings": asdict(settings),
     }
+    if long_context is not None:
+        report["long_context"] = long_context
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = checkpoint.run_dir / "metrics.jsonl" if checkpoint.run_dir else None
     if metrics_file is not None and metrics_file.is_file():
