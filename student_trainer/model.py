@@ -155,14 +155,16 @@ class _Retention(MultiScaleRetention):
         """The chunkwise path: L tokens in chunks of ``chunks.chunk_size`` (the last may be shorter),
         each one :meth:`_chunk_step` after the state the earlier ones left in ``state`` (updated).
         qr, kr: [B, H, L, dk] (rotated); v: [B, L, H*dv] -> [B, L, H, dv] in v's dtype."""
-        outputs = []
+        outputs, tables = [], {}
         for begin in range(0, v.size(1), chunks.chunk_size):
-            end = begin + chunks.chunk_size
+            end = min(begin + chunks.chunk_size, v.size(1))
+            if end - begin not in tables:  # the decay tables depend on the chunk's length, not its position
+                tables[end - begin] = _DecayTables.build(chunks.log_decay, end - begin)
             outputs.append(self._chunk_step(qr[:, :, begin:end], kr[:, :, begin:end], v[:, begin:end],
-                                            chunks.log_decay, chunks.start + begin, state))
+                                            tables[end - begin], chunks.start + begin, state))
         return torch.cat(outputs, dim=1).to(v.dtype)
 
-    def _chunk_step(self, qr: torch.Tensor, kr: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+    def _chunk_step(self, qr: torch.Tensor, kr: torch.Tensor, v: torch.Tensor, tables: "_DecayTables",
                     start: int, state: dict[str, torch.Tensor]) -> torch.Tensor:
         """TorchScale's recurrence over C tokens at once: the outputs token-by-token ``recurrent_forward``
         gives at positions ``n = start .. start + C - 1``, and (in ``state``) its state after the last.
@@ -171,28 +173,50 @@ class _Retention(MultiScaleRetention):
         ``K_n = sum_{m<=n} g^(n-m) v_m k_m^T``; its output at ``n`` is ``q_n . kv_n``. Within a chunk,
         ``K_n = g^(i+1) K_(start-1) + sum_{j<=i} g^(i-j) v_j k_j^T`` (i = n - start), so a chunk costs
         one ``[C, C]`` decay-masked product per head plus one product with the incoming state.
-        qr, kr: [B, H, C, dk]; v: [B, C, H*dv]; log_decay: [H] -> [B, C, H, dv] fp32.
+        qr, kr: [B, H, C, dk]; v: [B, C, H*dv] -> [B, C, H, dv] fp32.
         """
         bsz, length, _ = v.size()
         with _autocast_off(v.device):
             qr, kr = qr.float(), kr.float()
             vr = v.float().view(bsz, length, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, C, dv]
-            log_g = log_decay.double()[:, None]  # [H, 1]; float64: S_n of slow heads far into a prompt
-            offsets = torch.arange(length, device=v.device, dtype=torch.float64)[None, :]  # i = 0 .. C-1
-            scale = torch.expm1((start + offsets + 1) * log_g) / torch.expm1(log_g)  # S_n = (1 - g^(n+1)) / (1 - g)
-            lag = offsets.T - offsets  # [C, C]: i - j
-            inner_decay = torch.where(lag >= 0, torch.exp(lag.clamp(min=0) * log_g[:, :, None]), 0.0).float()
-            output = ((qr @ kr.transpose(-1, -2)) * inner_decay) @ vr  # [B, H, C, dv]
-            new_raw = (vr * torch.exp((length - 1 - offsets) * log_g).float()[..., None]).transpose(-1, -2) @ kr
+            root_scale = tables.root_scale(start)  # sqrt(S_n): [H, C, 1]
+            output = ((qr @ kr.transpose(-1, -2)) * tables.inner) @ vr  # [B, H, C, dv]
+            new_raw = (vr * tables.to_end).transpose(-1, -2) @ kr  # [B, H, dv, dk]
             if "prev_key_value" in state:  # [B, H, dv, dk]: K_(start-1) / sqrt(S_(start-1))
                 previous = state["prev_key_value"] * state["scale"].sqrt().view(-1, 1, 1)
-                carried = torch.exp((offsets + 1) * log_g).float()[..., None]  # g^(i+1): [H, C, 1]
-                output = output + carried * (qr @ previous.transpose(-1, -2))
-                new_raw = new_raw + torch.exp(length * log_g).float()[..., None] * previous
-            output = output / scale.sqrt().float()[..., None]
-            state["prev_key_value"] = new_raw / scale[:, -1].sqrt().float().view(-1, 1, 1)
-            state["scale"] = scale[:, -1].float()
+                output = output + tables.from_start * (qr @ previous.transpose(-1, -2))
+                new_raw = new_raw + tables.whole * previous
+            output = output / root_scale
+            state["prev_key_value"] = new_raw / root_scale[:, -1:]
+            state["scale"] = root_scale[:, -1, 0] ** 2
         return output.transpose(1, 2)
+
+
+@dataclass
+class _DecayTables:
+    """The decay factors of one chunk of C tokens, per head (fp32; computed in float64)."""
+
+    log_decay: torch.Tensor  # [H, 1] float64
+    inner: torch.Tensor  # [H, C, C]: g^(i-j) for j <= i, else 0
+    to_end: torch.Tensor  # [H, C, 1]: g^(C-1-j), token j's weight in the state after the chunk
+    from_start: torch.Tensor  # [H, C, 1]: g^(i+1), the incoming state's weight at token i
+    whole: torch.Tensor  # [H, 1, 1]: g^C
+
+    @classmethod
+    def build(cls, log_decay: torch.Tensor, length: int) -> "_DecayTables":
+        log_g = log_decay.double()[:, None]  # [H, 1]
+        offsets = torch.arange(length, device=log_decay.device, dtype=torch.float64)[None, :]  # [1, C]
+        lag = offsets.T - offsets  # [C, C]: i - j
+        inner = torch.where(lag >= 0, torch.exp(lag.clamp(min=0) * log_g[:, :, None]), 0.0)
+        return cls(log_g, inner.float(), torch.exp((length - 1 - offsets) * log_g).float()[..., None],
+                   torch.exp((offsets + 1) * log_g).float()[..., None], torch.exp(length * log_g).float()[..., None])
+
+    def root_scale(self, start: int) -> torch.Tensor:
+        """``sqrt(S_n)`` for the chunk's tokens ``n = start + i``: ``[H, C, 1]`` fp32, with
+        ``S_n = (1 - g^(n+1)) / (1 - g)`` in float64 (slow heads far into a prompt)."""
+        positions = start + torch.arange(self.inner.size(-1), device=self.log_decay.device, dtype=torch.float64)
+        scale = torch.expm1((positions[None, :] + 1) * self.log_decay) / torch.expm1(self.log_decay)
+        return scale.sqrt().float()[..., None]
 
 
 class _Layer(DecoderLayer):
