@@ -155,13 +155,16 @@ class _Retention(MultiScaleRetention):
         """The chunkwise path: L tokens in chunks of ``chunks.chunk_size`` (the last may be shorter),
         each one :meth:`_chunk_step` after the state the earlier ones left in ``state`` (updated).
         qr, kr: [B, H, L, dk] (rotated); v: [B, L, H*dv] -> [B, L, H, dv] in v's dtype."""
-        outputs, tables = [], {}
-        for begin in range(0, v.size(1), chunks.chunk_size):
-            end = min(begin + chunks.chunk_size, v.size(1))
-            if end - begin not in tables:  # the decay tables depend on the chunk's length, not its position
-                tables[end - begin] = _DecayTables.build(chunks.log_decay, end - begin)
-            outputs.append(self._chunk_step(qr[:, :, begin:end], kr[:, :, begin:end], v[:, begin:end],
-                                            tables[end - begin], chunks.start + begin, state))
+        outputs, tables, begin = [], {}, 0
+        # split, not slicing: the backward of each slice would write a zero-filled copy of the whole
+        # [B, H, L, dk] input (O(L^2 / chunk) in all); split's backward concatenates once.
+        size = chunks.chunk_size
+        for q, k, values in zip(qr.split(size, dim=2), kr.split(size, dim=2), v.split(size, dim=1)):
+            length = values.size(1)
+            if length not in tables:  # the decay tables depend on the chunk's length, not its position
+                tables[length] = _DecayTables.build(chunks.log_decay, length)
+            outputs.append(self._chunk_step(q, k, values, tables[length], chunks.start + begin, state))
+            begin += length
         return torch.cat(outputs, dim=1).to(v.dtype)
 
     def _chunk_step(self, qr: torch.Tensor, kr: torch.Tensor, v: torch.Tensor, tables: "_DecayTables",
