@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="retrofit: a RetNet with the teacher's weights (attention transfer, then KD; the default); "
                            "tiny: the 3.3M-parameter random-init student, for comparison")
     main.add_argument("--max-steps", type=int, default=None,
-                      help="training steps (default: 78 for retrofit, of which 60 attention transfer; 300 for tiny)")
+                      help="training steps (default: 100 for retrofit, of which 90 attention transfer; 300 for tiny)")
     main.add_argument("--workdir", default="runs/main", help="where the run, its checkpoints, logs and report go")
     main.add_argument("--data-dir", default="data", help="where the python-docs shards are built once")
     main.add_argument("--eval-batches", type=int, default=8, help="held-out batches of 4 rows for the report")
