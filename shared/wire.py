@@ -5,6 +5,15 @@ a packed tensor (``[B, L]``, or ``[N]`` plus ``"lengths"``). Response: top-k log
 position, where row ``t`` of a sequence is ``log p(. | x_0..x_t)``, the distribution of the token
 *after* ``x_t``, plus the exact tail ``log(1 - sum_k p)``.
 
+v1.1 adds optional fields (``shared/wire_scores.py`` has their details); a request without them
+gets the v1 reply, byte for byte:
+
+- request ``score_ids``: ``[sum(L), m]`` ids to score at each position (a packed tensor, or lists
+  ``[B][L_i][m]``), ``1 <= m <= max_score_ids``; reply ``score_logprobs`` ``[sum(L), m]`` float32,
+  ``log p_T(id | x_0..x_t)`` exact from the full vocabulary.
+- request ``return_logsumexp: true``; reply ``logsumexp`` ``[sum(L)]`` float32 of ``logits / T``,
+  so ``logprob = logit / T - logsumexp`` for any id.
+
 Both msgpack (``application/msgpack``, the fast path) and JSON (``application/json``, for curl) are
 supported. Nothing here imports a web framework or torch, so trainer and server share it.
 """
@@ -35,14 +44,26 @@ from shared.wire_checks import (
     max_body_bytes,
     too_many_tokens,
 )
+from shared.wire_scores import (
+    SCORE_ENTRY_BYTES,
+    SCORE_FIELDS,
+    check_score_ids,
+    flag_from_body,
+    max_score_entries,
+    reply_tensors_from_wire,
+    reply_tensors_to_wire,
+    score_ids_from_body,
+    score_ids_to_wire,
+)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 1  # requests say 1; v1.1 only adds optional fields, so the number stays
+CONTRACT_VERSION = "1.1"  # what a server advertises on /v1/models
 MSGPACK = "application/msgpack"
 JSON = "application/json"
 WireFormat = Literal["msgpack", "json"]
 
 _MSGPACK_TYPES = {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
-_REQUEST_KEYS = {"input_ids", "k", "temperature", "lengths", "protocol"}
+_REQUEST_KEYS = {"input_ids", "k", "temperature", "lengths", "protocol", *SCORE_FIELDS}
 
 # Reply bytes per top-k entry (id + float16 log-prob) and per row (float32 tail); JSON is an
 # estimate of the text (an id like "1234, " and a log-prob like "-12.3671875, ").
@@ -50,11 +71,15 @@ _REPLY_ENTRY_BYTES = {"msgpack": 2, "json": 20}
 _REPLY_ROW_BYTES = {"msgpack": 4, "json": 16}
 
 
-def reply_bytes(num_tokens: int, k: int, vocab_size: int, fmt: WireFormat) -> int:
+def reply_bytes(
+    num_tokens: int, k: int, vocab_size: int, fmt: WireFormat, score_ids: int = 0, logsumexp: bool = False
+) -> int:
     """Size of a ``/v1/topk`` reply, computed before any work: ``[tokens, k]`` ids and log-probs
-    plus a tail per row (exact for msgpack, an estimate for JSON)."""
+    plus a tail per row, and (v1.1) ``score_ids`` float32 scores and a logsumexp per row when asked
+    (exact for msgpack, an estimate for JSON)."""
     entry = _REPLY_ENTRY_BYTES[fmt] + (index_dtype(vocab_size).itemsize if fmt == "msgpack" else 0)
-    return num_tokens * (k * entry + _REPLY_ROW_BYTES[fmt])
+    row = _REPLY_ROW_BYTES[fmt] * (2 if logsumexp else 1)
+    return num_tokens * (k * entry + score_ids * SCORE_ENTRY_BYTES[fmt] + row)
 
 
 def format_from_content_type(content_type: str | None) -> WireFormat:
@@ -96,22 +121,39 @@ class TopKRequest:
         sequences: one int64 array ``[L_i]`` per sequence, ``L_i >= 1``.
         k: number of top entries per position, or None for the server's default.
         temperature: applied to the teacher's logits before the softmax (``> 0``, finite).
+        score_ids: v1.1, int64 ``[sum(L), m]`` ids to score at each position, or None.
+        return_logsumexp: v1.1, whether the reply carries ``logsumexp(logits / T)`` per position.
     """
 
     sequences: list[np.ndarray]
     k: int | None = None
     temperature: float = 1.0
+    score_ids: np.ndarray | None = None
+    return_logsumexp: bool = False
 
     @property
     def num_tokens(self) -> int:
         return sum(len(s) for s in self.sequences)
 
-    def validate(self, vocab_size: int, max_k: int, max_tokens: int, max_sequence_length: int | None = None) -> None:
+    @property
+    def num_score_ids(self) -> int:
+        """``m``, the ids scored per position (0 without ``score_ids``)."""
+        return 0 if self.score_ids is None else int(self.score_ids.shape[1])
+
+    def validate(
+        self,
+        vocab_size: int,
+        max_k: int,
+        max_tokens: int,
+        max_sequence_length: int | None = None,
+        max_score_ids: int | None = None,
+    ) -> None:
         """Range checks that need the server's limits.
 
         Raises:
-            InvalidRequest: k out of ``[1, max_k]``, an id outside ``[0, vocab_size)``, or a
-                sequence longer than the model's ``max_sequence_length``.
+            InvalidRequest: k out of ``[1, max_k]``, an id (of ``input_ids`` or ``score_ids``) outside
+                ``[0, vocab_size)``, a sequence longer than the model's ``max_sequence_length``, or
+                ``score_ids`` not ``[sum(L), m]`` with ``1 <= m <= max_score_ids``.
             RequestTooLarge: more than ``max_tokens`` tokens in total.
         """
         if self.k is not None and not 1 <= self.k <= max_k:
@@ -132,6 +174,8 @@ class TopKRequest:
                 raise InvalidRequest(
                     f"input_ids[{i}][{pos}] = {bad} is outside the vocabulary [0, {vocab_size})"
                 )
+        if self.score_ids is not None:
+            check_score_ids(self.score_ids, [len(s) for s in self.sequences], vocab_size, max_score_ids)
 
 
 def encode_topk_request(
@@ -139,11 +183,23 @@ def encode_topk_request(
     k: int | None = None,
     temperature: float = 1.0,
     fmt: WireFormat = "msgpack",
+    score_ids: np.ndarray | list | None = None,
+    return_logsumexp: bool = False,
 ) -> bytes:
-    """Encode a request. msgpack sends one packed int32 tensor plus ``lengths`` (no per-id objects)."""
+    """Encode a request. msgpack sends one packed int32 tensor plus ``lengths`` (no per-id objects).
+
+    v1.1 (optional): ``score_ids``, packed ``[sum(L), m]`` or one ``[L_i, m]`` per sequence (a packed
+    int32 tensor in msgpack, lists ``[B][L_i][m]`` in JSON); ``return_logsumexp``. Without them the
+    body is a v1 body.
+    """
     body: dict[str, Any] = {"temperature": float(temperature)}
     if k is not None:
         body["k"] = int(k)
+    lengths = [int(np.asarray(s).size) for s in sequences]
+    if score_ids is not None:
+        body["score_ids"] = score_ids_to_wire(score_ids, lengths, fmt)
+    if return_logsumexp:
+        body["return_logsumexp"] = True
     if fmt == "msgpack":
         arrays = [np.asarray(s, dtype=np.int32).reshape(-1) for s in sequences]
         body["input_ids"] = encode_tensor_msgpack(np.concatenate(arrays) if arrays else np.zeros(0, np.int32))
@@ -211,19 +267,23 @@ def _sequences_from_tensor(tensor: np.ndarray, lengths: Any, max_tokens: int | N
     return [flat[bounds[i] : bounds[i + 1]] for i in range(len(lengths))]
 
 
-def decode_topk_request(body: bytes, fmt: WireFormat, max_tokens: int | None = None) -> TopKRequest:
+def decode_topk_request(
+    body: bytes, fmt: WireFormat, max_tokens: int | None = None, max_score_ids: int | None = None
+) -> TopKRequest:
     """Decode and type-check a request body.
 
     With ``max_tokens``, an oversized request is refused as early as its size is known: from array
     lengths while parsing msgpack, from a tensor's shape, from list lengths, before any per-row object
-    is built.
+    is built. With ``max_score_ids``, so is an ``m`` above it.
 
     Raises:
         MalformedBody: undecodable bytes or a broken tensor map.
-        InvalidRequest: wrong types, unknown keys, empty batch or sequence, bad k or temperature.
+        InvalidRequest: wrong types, unknown keys, empty batch or sequence, bad k or temperature,
+            ``score_ids`` that do not match ``input_ids`` (see :func:`score_ids_from_body`).
         RequestTooLarge: more than ``max_tokens`` tokens.
     """
-    obj = _load_body(body, fmt, max_items=max_tokens)
+    max_items = None if max_tokens is None else max(max_tokens, max_score_ids or 0)  # a score_ids row holds m
+    obj = _load_body(body, fmt, max_items=max_items)
     if not isinstance(obj, dict):
         raise InvalidRequest(f"body must be a map with 'input_ids', found {type(obj).__name__}")
     if not all(isinstance(key, str) for key in obj):
@@ -272,7 +332,11 @@ def decode_topk_request(body: bytes, fmt: WireFormat, max_tokens: int | None = N
             f"temperature must be finite and > 0, at least {MIN_TEMPERATURE} (smaller values overflow the logits / T), "
             f"found {describe(temperature)}"
         )
-    return TopKRequest(sequences=sequences, k=k, temperature=value)
+    score_ids = obj.get("score_ids")
+    if score_ids is not None:
+        score_ids = score_ids_from_body(score_ids, fmt, [len(s) for s in sequences], max_score_ids)
+    return_logsumexp = flag_from_body(obj.get("return_logsumexp"), "return_logsumexp")
+    return TopKRequest(sequences=sequences, k=k, temperature=value, score_ids=score_ids, return_logsumexp=return_logsumexp)
 
 
 # -------------------------------------------------------------------------------------- response
@@ -289,6 +353,8 @@ class TopKResponse:
         lengths: rows per sequence (= input lengths).
         weights_fingerprint: the served weights' identity (``""`` from servers before it was sent), so a
             client behind a load balancer can check that every reply came from the same teacher.
+        score_logprobs: v1.1, ``[sum(L), m]`` float32 ``log p_T`` of the request's ``score_ids``, or None.
+        logsumexp: v1.1, ``[sum(L)]`` float32 ``logsumexp(logits / T)``, or None.
     """
 
     model: str
@@ -303,6 +369,8 @@ class TopKResponse:
     timing: dict[str, float] = field(default_factory=dict)
     protocol: int = PROTOCOL_VERSION
     weights_fingerprint: str = ""
+    score_logprobs: np.ndarray | None = None
+    logsumexp: np.ndarray | None = None
 
     def split(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per sequence ``(indices [L_i, k], logprobs [L_i, k], tail_logprob [L_i])`` views."""
@@ -340,10 +408,13 @@ def encode_topk_response(response: TopKResponse, fmt: WireFormat) -> bytes:
     }
     if response.weights_fingerprint:  # optional: v1 clients ignore it
         body["weights_fingerprint"] = response.weights_fingerprint
+    extra = reply_tensors_to_wire({"score_logprobs": response.score_logprobs, "logsumexp": response.logsumexp}, fmt)
     if fmt == "msgpack":
         body.update({name: encode_tensor_msgpack(t) for name, t in tensors.items()})
+        body.update(extra)
         return msgpack.packb(body, use_bin_type=True)
     body.update({name: tensor_to_json(t) for name, t in tensors.items()})
+    body.update(extra)
     return json.dumps(body, allow_nan=False).encode()
 
 
@@ -364,6 +435,7 @@ def decode_topk_response(body: bytes, fmt: WireFormat) -> TopKResponse:
         raise MalformedBody(f"response tensors do not have shape [{rows}, {k}] from lengths and k")
     if tensors["tail_logprob"].shape != (rows,):
         raise MalformedBody(f"tail_logprob does not have shape [{rows}]")
+    tensors.update(reply_tensors_from_wire(obj, fmt, rows))  # v1.1: None where absent
     return TopKResponse(
         model=obj["model"],
         tokenizer_sha256=obj["tokenizer_sha256"],
@@ -384,6 +456,7 @@ def error_body(error_type: str, message: str) -> dict[str, Any]:
 
 
 __all__ = [
+    "CONTRACT_VERSION",
     "JSON",
     "MIN_TEMPERATURE",
     "MSGPACK",
@@ -403,6 +476,7 @@ __all__ = [
     "format_from_content_type",
     "index_dtype",
     "max_body_bytes",
+    "max_score_entries",
     "media_type",
     "reply_bytes",
     "response_format",

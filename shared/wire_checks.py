@@ -41,9 +41,10 @@ def describe(value: Any) -> str:
         return f"<a {type(value).__name__}>"
 
 
-def max_body_bytes(fmt: str, max_tokens: int) -> int:
-    """The largest body of format ``fmt`` that can hold a valid request of ``max_tokens`` tokens."""
-    return max_tokens * BODY_BYTES_PER_TOKEN[fmt] + BODY_OVERHEAD_BYTES
+def max_body_bytes(fmt: str, max_tokens: int, max_score_entries: int = 0) -> int:
+    """The largest body of format ``fmt`` that can hold a valid request of ``max_tokens`` tokens and
+    ``max_score_entries`` scored ids (wire v1.1 ``score_ids``; each takes the room of a token id)."""
+    return (max_tokens + max_score_entries) * BODY_BYTES_PER_TOKEN[fmt] + BODY_OVERHEAD_BYTES
 
 
 def is_int(value: Any) -> bool:
@@ -57,17 +58,25 @@ def too_many_tokens(count: int, max_tokens: int) -> RequestTooLarge:
     )
 
 
+def check_tensor_header(value: dict, field: str) -> list[int]:
+    """Keys, dtype and shape types of a tensor map in field ``field``, checked before numpy sees it
+    (a list as dtype or a negative dimension must give a 4xx, not an exception inside numpy).
+    Returns the shape."""
+    if not all(isinstance(key, str) for key in value) or set(value) != {"dtype", "shape", "data"}:
+        found = sorted(describe(key) for key in value)
+        raise MalformedBody(f"field '{field}': expected a tensor map with keys dtype, shape, data (strings); found {found}")
+    dtype, shape = value["dtype"], value["shape"]
+    if not isinstance(dtype, str):
+        raise MalformedBody(f"field '{field}': dtype must be a string such as 'int32', found {describe(dtype)}")
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+        raise MalformedBody(f"field '{field}': shape must be a list of non-negative ints, found {describe(shape)}")
+    return shape
+
+
 def check_tensor_map(value: dict, max_tokens: int | None) -> None:
     """Types and sizes of an input_ids tensor map, checked before numpy sees it: a non-string dtype,
     a shape of 100 dimensions or of 2**64 ids must give a 4xx, not an exception inside numpy."""
-    if not all(isinstance(key, str) for key in value) or set(value) != {"dtype", "shape", "data"}:
-        found = sorted(describe(key) for key in value)
-        raise MalformedBody(f"field 'input_ids': expected a tensor map with keys dtype, shape, data (strings); found {found}")
-    dtype, shape = value["dtype"], value["shape"]
-    if not isinstance(dtype, str):
-        raise MalformedBody(f"field 'input_ids': dtype must be a string such as 'int32', found {describe(dtype)}")
-    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
-        raise MalformedBody(f"field 'input_ids': shape must be a list of non-negative ints, found {describe(shape)}")
+    shape = check_tensor_header(value, "input_ids")
     if len(shape) not in (1, 2):
         raise InvalidRequest(f"input_ids tensor must be 1-D (with 'lengths') or 2-D, found {len(shape)}-D")
     if max_tokens is not None and math.prod(shape) > max_tokens:

@@ -19,8 +19,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from shared.errors import MalformedBody, RequestTooLarge, UnsupportedContentType, WireError
+from shared.errors import InvalidRequest, MalformedBody, RequestTooLarge, UnsupportedContentType, WireError
 from shared.wire import (
+    CONTRACT_VERSION,
     MIN_TEMPERATURE,
     PROTOCOL_VERSION,
     TopKResponse,
@@ -29,6 +30,7 @@ from shared.wire import (
     error_body,
     format_from_content_type,
     max_body_bytes,
+    max_score_entries,
     media_type,
     reply_bytes,
     response_format,
@@ -59,6 +61,13 @@ _TOPK_OPENAPI = {
                         "input_ids": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
                         "k": {"type": "integer", "minimum": 1},
                         "temperature": {"type": "number", "minimum": MIN_TEMPERATURE, "default": 1.0},
+                        "score_ids": {
+                            "type": "array",
+                            "description": "v1.1: [B][L_i][m] ids whose log-probs to return (score_logprobs)",
+                            "items": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}},
+                        },
+                        "return_logsumexp": {"type": "boolean", "default": False,
+                                             "description": "v1.1: also return logsumexp(logits / T) per position"},
                     },
                 },
                 "example": {"input_ids": [[504, 3575, 282, 4649, 314]], "k": 5, "temperature": 1.0},
@@ -160,7 +169,7 @@ def create_app(
 
     app = FastAPI(
         title="retnet-distill teacher",
-        version=str(PROTOCOL_VERSION),
+        version=CONTRACT_VERSION,
         description="Top-k teacher log-probabilities over msgpack (fast path) or JSON.",
         lifespan=lifespan,
         docs_url=None,  # FastAPI's /docs loads Swagger UI from a CDN: mount_offline_docs serves it locally
@@ -196,13 +205,15 @@ def create_app(
         if not hmac.compare_digest(token.strip().encode(), key.get_secret_value().encode()):
             raise Unauthorized("the API key is not valid for this server")
 
-    async def read_body(request: Request, token_limit: int | None = None, fmt: str = "json") -> bytes:
+    async def read_body(request: Request, token_limit: int | None = None, fmt: str = "json", score_limit: int = 0) -> bytes:
         """The body, within ``max_body_bytes`` and ``body_read_timeout_s``. With ``token_limit``, also
-        within the most bytes a valid request of that many tokens can take (refused before reading)."""
+        within the most bytes a valid request of that many tokens (and ``score_limit`` scored ids) can
+        take (refused before reading)."""
         limits = [(settings.max_body_bytes, f"this server's limit of {settings.max_body_bytes} bytes")]
         if token_limit is not None:
-            fit = max_body_bytes(fmt, token_limit)
-            limits.append((fit, f"{fit} bytes, the most a {fmt} request of {token_limit} tokens (max_tokens_per_request) "
+            fit = max_body_bytes(fmt, token_limit, score_limit)
+            scored = f" and {score_limit} scored ids (max_score_ids per token, within max_reply_bytes)" if score_limit else ""
+            limits.append((fit, f"{fit} bytes, the most a {fmt} request of {token_limit} tokens (max_tokens_per_request){scored} "
                                 "can take; send fewer tokens per request" + (", compact JSON or msgpack" if fmt == "json" else "")))
         declared = request.headers.get("content-length")
         for limit, why in limits:
@@ -228,17 +239,21 @@ def create_app(
             state.metrics.abandoned.inc()
             raise ClientGone("the client disconnected while sending its body") from exc
 
-    def check_reply_size(tokens: int, k: int, vocab_size: int, fmt: str) -> None:
-        """Refuse up front a reply over ``max_reply_bytes`` (k=1024 made a 14 KB request a 36 MB reply)."""
-        limit, size = settings.max_reply_bytes, reply_bytes(tokens, k, vocab_size, fmt)
+    def check_reply_size(tokens: int, k: int, vocab_size: int, fmt: str, m: int = 0, logsumexp: bool = False) -> None:
+        """Refuse up front a reply over ``max_reply_bytes`` (k=1024 made a 14 KB request a 36 MB reply);
+        ``m`` scored ids per position (and a logsumexp) count like top-k entries."""
+        limit, size = settings.max_reply_bytes, reply_bytes(tokens, k, vocab_size, fmt, m, logsumexp)
         if size <= limit:
             return
-        fitting_k = max(1, limit // max(1, reply_bytes(tokens, 1, vocab_size, fmt)))
-        fitting_tokens = limit // reply_bytes(1, k, vocab_size, fmt)
+        scores = reply_bytes(tokens, 0, vocab_size, fmt, m, logsumexp) - reply_bytes(tokens, 0, vocab_size, fmt)
+        fitting_k = max(1, (limit - scores) // max(1, reply_bytes(tokens, 1, vocab_size, fmt)))
+        fitting_tokens = limit // reply_bytes(1, k, vocab_size, fmt, m, logsumexp)
+        scored = f" and {m} score_ids" if m else ""
         raise RequestTooLarge(
-            f"the {fmt} reply to {tokens} tokens at k={k} would take about {size} bytes, over this server's "
+            f"the {fmt} reply to {tokens} tokens at k={k}{scored} would take about {size} bytes, over this server's "
             f"max_reply_bytes of {limit}; ask for less: a smaller k (at most {fitting_k} for these tokens) "
-            f"or fewer tokens per request (at most {fitting_tokens} at k={k})"
+            + ("or fewer score_ids per position, " if m else "")
+            + f"or fewer tokens per request (at most {fitting_tokens} at k={k}{scored})"
             + ("; msgpack replies are several times smaller than JSON" if fmt == "json" else "")
         )
 
@@ -247,23 +262,28 @@ def create_app(
         """Row t of each sequence is log p(. | x_0..x_t) at the requested temperature, plus the exact tail."""
         check_key(request)
         request_fmt = format_from_content_type(request.headers.get("content-type"))
-        max_tokens = settings.max_tokens_per_request
-        body = await read_body(request, max_tokens, request_fmt)
+        max_tokens, max_scores = settings.max_tokens_per_request, settings.max_score_ids
+        score_limit = max_score_entries(max_tokens, max_scores, settings.max_reply_bytes)
+        body = await read_body(request, max_tokens, request_fmt, score_limit)
         batcher = state.ready_batcher()
         engine = batcher.engine
 
         def decode():
-            decoded = decode_topk_request(body, request_fmt, max_tokens=max_tokens)
-            decoded.validate(engine.vocab_size, settings.max_k, max_tokens, engine.max_sequence_length)
+            decoded = decode_topk_request(body, request_fmt, max_tokens=max_tokens, max_score_ids=max_scores)
+            decoded.validate(engine.vocab_size, settings.max_k, max_tokens, engine.max_sequence_length, max_scores)
             return decoded
 
         req = decode() if len(body) <= _INLINE_DECODE_BYTES else await asyncio.to_thread(decode)
         k = req.k if req.k is not None else min(settings.default_k, engine.vocab_size)
         fmt = response_format(request.headers.get("accept"), request_fmt)
-        check_reply_size(req.num_tokens, k, engine.vocab_size, fmt)
+        check_reply_size(req.num_tokens, k, engine.vocab_size, fmt, req.num_score_ids, req.return_logsumexp)
+        work = EngineRequest(req.sequences, k, req.temperature, req.score_ids, req.return_logsumexp)
         if hasattr(engine, "check_request"):  # an engine's own limits (vLLM: temperature 1 only) give 422, not 500
-            engine.check_request(k, req.temperature)
-        rows, timing = await batcher.submit(EngineRequest(req.sequences, k, req.temperature), request.is_disconnected)
+            engine.check_request(k, req.temperature, scores=work.wants_scores)
+        if work.wants_scores and not getattr(engine, "supports_scoring", False):
+            raise InvalidRequest(f"this teacher's {settings.engine} engine cannot serve score_ids or return_logsumexp "
+                                 "(wire v1.1); leave them out, or use a teacher with TEACHER_ENGINE=hf")
+        rows, timing = await batcher.submit(work, request.is_disconnected)
         response = TopKResponse(
             model=engine.model_name,
             tokenizer_sha256=engine.tokenizer_sha256,
@@ -276,6 +296,8 @@ def create_app(
             tail_logprob=rows.tail_logprob,
             timing={"queue_ms": round(timing.queue_ms, 3), "compute_ms": round(timing.compute_ms, 3)},
             weights_fingerprint=engine.weights_fingerprint,
+            score_logprobs=rows.score_logprobs if req.score_ids is not None else None,
+            logsumexp=rows.logsumexp if req.return_logsumexp else None,
         )
         if fmt == "json":  # JSON of a big response takes a while: keep the event loop free
             payload = await asyncio.to_thread(encode_topk_response, response, fmt)
@@ -300,6 +322,9 @@ def create_app(
                     "weights_fingerprint": engine.weights_fingerprint,
                     "max_sequence_length": engine.max_sequence_length,
                     "protocol": PROTOCOL_VERSION,
+                    "contract_version": CONTRACT_VERSION,
+                    "score_ids": bool(getattr(engine, "supports_scoring", False)) and settings.max_score_ids > 0,
+                    "max_score_ids": settings.max_score_ids,
                     "default_k": settings.default_k,
                     "max_k": settings.max_k,
                     "max_tokens_per_request": settings.max_tokens_per_request,

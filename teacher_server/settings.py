@@ -27,6 +27,7 @@ class TeacherSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="bind port")
     default_k: int = Field(64, ge=1, description="k when a request sends none")
     max_k: int = Field(1024, ge=1, description="largest k a request may ask for")
+    max_score_ids: int = Field(256, ge=0, description="wire v1.1: most score_ids per position (m) a request may send; 0 turns scoring off")
     max_tokens_per_request: int = Field(32768, ge=1, description="more tokens in one request: 413")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies: 413")
     batch_max_tokens: int = Field(16384, ge=1, description="token budget of one dynamic batch")

@@ -16,15 +16,23 @@ from teacher_server.engines.topk_math import TopKRows
 
 @dataclass
 class EngineRequest:
-    """One client's work: ``sequences`` (int64 arrays ``[L_i]``), its ``k`` and ``temperature``."""
+    """One client's work: ``sequences`` (int64 arrays ``[L_i]``), its ``k`` and ``temperature``, and
+    (wire v1.1) ``score_ids`` int64 ``[sum(L), m]`` to score at each position and ``return_logsumexp``."""
 
     sequences: list[np.ndarray]
     k: int
     temperature: float
+    score_ids: np.ndarray | None = None
+    return_logsumexp: bool = False
 
     @property
     def num_tokens(self) -> int:
         return sum(len(s) for s in self.sequences)
+
+    @property
+    def wants_scores(self) -> bool:
+        """True when the request asks for more than v1's top k and tail."""
+        return self.score_ids is not None or self.return_logsumexp
 
 
 class TopKEngine(Protocol):
@@ -36,7 +44,9 @@ class TopKEngine(Protocol):
     weights_fingerprint: str  # changes when the weights change (a finetuned teacher is another teacher)
     max_sequence_length: int | None
     device: str
+    supports_scoring: bool  # wire v1.1: score_ids and logsumexp (an engine without them refuses such requests)
 
     def topk(self, requests: list[EngineRequest]) -> list[TopKRows]:
-        """Targets for every request, rows packed sequence after sequence (row t predicts t+1)."""
+        """Targets for every request, rows packed sequence after sequence (row t predicts t+1); each
+        request's own ``score_logprobs`` and ``logsumexp`` when it asks for them."""
         ...

@@ -2,7 +2,8 @@
 
 One call runs one transformer pass over every sequence of every request in the dynamic batch
 (grouped into length-sorted micro-batches so short sequences are not padded to the longest), then
-computes each request's top-k with its own k and temperature from the final hidden states.
+computes each request's top-k with its own k and temperature from the final hidden states, plus
+the scores of its ``score_ids`` and its logsumexp when asked (wire v1.1), from the same logits.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class HFEngine:
         cache_dir: where GGUF files are converted to safetensors (once).
         micro_batch_tokens: padded tokens per transformer pass.
     """
+
+    supports_scoring = True  # score_ids and logsumexp come from the same full-vocabulary logits
 
     def __init__(
         self,
@@ -156,7 +159,8 @@ class HFEngine:
 
     @torch.inference_mode()
     def topk(self, requests: list[EngineRequest]) -> list[TopKRows]:
-        """One pass over all sequences of all requests, then each request's own top-k and tail."""
+        """One pass over all sequences of all requests, then each request's own top-k and tail (and
+        scores, when it asks)."""
         flat = [seq for req in requests for seq in req.sequences]
         hidden = self.hidden_states(flat)
         lm_head = self.lm_head
@@ -165,6 +169,7 @@ class HFEngine:
             rows = torch.cat(hidden[cursor : cursor + len(req.sequences)], dim=0)
             cursor += len(req.sequences)
             results.append(
-                topk_from_hidden(rows, lm_head, req.k, req.temperature, self.vocab_size, logit_softcap=self.logit_softcap)
+                topk_from_hidden(rows, lm_head, req.k, req.temperature, self.vocab_size, logit_softcap=self.logit_softcap,
+                                 score_ids=req.score_ids, return_logsumexp=req.return_logsumexp)
             )
         return results

@@ -4,7 +4,8 @@ For ``N`` rows and vocabulary ``V`` the full fp32 logits would be ``N * V * 4`` 
 8 x 1024 tokens of a 128K vocab), so the LM head and the softmax statistics run on row chunks of
 about ``chunk_bytes`` each. The tail is ``logsumexp`` over the ids *outside* the top k minus the
 full ``logsumexp``: exact, and free of the cancellation in ``log(1 - sum(exp(top_k)))`` when the
-top k hold nearly all the mass.
+top k hold nearly all the mass. Scores of arbitrary ids (wire v1.1 ``score_ids``) are gathered
+from the same chunk of tempered logits, so they cost no second pass.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import torch
 
 @dataclass
 class TopKRows:
-    """Targets for ``N`` rows: ``indices [N, k]`` int32, ``logprobs [N, k]`` float32, ``tail [N]`` float32."""
+    """Targets for ``N`` rows: ``indices [N, k]`` int32, ``logprobs [N, k]`` float32, ``tail [N]`` float32;
+    when asked for (v1.1), ``score_logprobs [N, m]`` float32 and ``logsumexp [N]`` float32 of ``logits / T``."""
 
     indices: np.ndarray
     logprobs: np.ndarray
     tail_logprob: np.ndarray
+    score_logprobs: np.ndarray | None = None
+    logsumexp: np.ndarray | None = None
 
 
 @torch.no_grad()
@@ -34,6 +38,8 @@ def topk_from_hidden(
     vocab_size: int,
     chunk_bytes: int = 1 << 28,
     logit_softcap: float | None = None,
+    score_ids: np.ndarray | None = None,
+    return_logsumexp: bool = False,
 ) -> TopKRows:
     """Top-k of ``log_softmax(logits / T)`` and the tail, per row.
 
@@ -45,15 +51,19 @@ def topk_from_hidden(
         vocab_size: the tokenizer's length; LM-head rows beyond it (padding) are never returned.
         chunk_bytes: budget for one chunk of fp32 logits.
         logit_softcap: ``cap * tanh(z / cap)`` as some models (Gemma 2) apply before the softmax.
+        score_ids: ``[N, m]`` ids in ``[0, vocab_size)`` whose ``log_softmax(logits / T)`` to return.
+        return_logsumexp: also return ``logsumexp(logits / T)`` per row.
 
     Returns:
-        :class:`TopKRows` with ids sorted by descending probability.
+        :class:`TopKRows` with ids sorted by descending probability (and the scores asked for).
     """
     rows = hidden.shape[0]
     chunk_rows = max(1, chunk_bytes // (4 * vocab_size))
     indices = np.empty((rows, k), dtype=np.int32)
     logprobs = np.empty((rows, k), dtype=np.float32)
     tail = np.empty((rows,), dtype=np.float32)
+    scores = None if score_ids is None else np.empty(score_ids.shape, dtype=np.float32)
+    lse_out = np.empty((rows,), dtype=np.float32) if return_logsumexp else None
     for start in range(0, rows, chunk_rows):
         stop = min(rows, start + chunk_rows)
         logits = lm_head(hidden[start:stop])[:, :vocab_size].float()
@@ -62,9 +72,14 @@ def topk_from_hidden(
         logits = logits / temperature  # a fresh fp32 tensor we own: safe to overwrite below
         lse = torch.logsumexp(logits, dim=-1)
         top_vals, top_ids = torch.topk(logits, k, dim=-1, sorted=True)
+        if scores is not None:  # before the top k are overwritten below
+            ids = torch.from_numpy(np.ascontiguousarray(score_ids[start:stop], dtype=np.int64)).to(logits.device)
+            scores[start:stop] = (logits.gather(-1, ids) - lse[:, None]).cpu().numpy()
+        if lse_out is not None:
+            lse_out[start:stop] = lse.cpu().numpy()
         logits.scatter_(-1, top_ids, float("-inf"))
         rest_lse = torch.logsumexp(logits, dim=-1)  # -inf when k == vocab_size: the tail is empty
         indices[start:stop] = top_ids.to(torch.int32).cpu().numpy()
         logprobs[start:stop] = (top_vals - lse[:, None]).cpu().numpy()
         tail[start:stop] = (rest_lse - lse).cpu().numpy()
-    return TopKRows(indices=indices, logprobs=logprobs, tail_logprob=tail)
+    return TopKRows(indices=indices, logprobs=logprobs, tail_logprob=tail, score_logprobs=scores, logsumexp=lse_out)

@@ -32,6 +32,10 @@ What vLLM returns and what we do with it (DESIGN.md sections 3 and 12; vLLM >= 0
   the top k, so the HF engine's cancellation-free ``logsumexp`` over the ids outside the top k is
   not available: vLLM's log-probs are float32, so the tail's probability is good to about 1e-6
   absolute, and a top k that rounds up to all the mass gives an empty tail (``-inf``).
+- Wire v1.1 scoring (``score_ids``, ``logsumexp``) is refused: prompt log-probs hold the top ``n``
+  plus the prompt's own next token, never ids of our choosing, and they are normalised log-probs,
+  from which the logits' log-sum-exp cannot be recovered. Asking for the full vocabulary at every
+  position would express it, at ``V`` entries a position, and is untested here: use the HF engine.
 """
 
 from __future__ import annotations
@@ -237,13 +241,22 @@ class VLLMEngine:
             self.vocab_size, rows, self.max_logprobs,
         )
 
-    def check_request(self, k: int, temperature: float) -> None:
+    supports_scoring = False  # see the module docstring: no score_ids, no logsumexp
+
+    def check_request(self, k: int, temperature: float, scores: bool = False) -> None:
         """Refuse what this engine cannot serve exactly, before the request joins a batch.
 
         Raises:
-            InvalidRequest: ``temperature != 1`` (vLLM's prompt log-probs ignore temperature) or
-                ``k`` above the ``max_logprobs`` this engine was started with.
+            InvalidRequest: ``temperature != 1`` (vLLM's prompt log-probs ignore temperature),
+                ``k`` above the ``max_logprobs`` this engine was started with, or ``scores``: the
+                request has wire v1.1 ``score_ids`` or ``return_logsumexp``.
         """
+        if scores:
+            raise InvalidRequest(
+                "the vLLM engine cannot serve score_ids or return_logsumexp (wire v1.1): vLLM's prompt log-probs "
+                "hold only its top n and the prompt's own next token, and no logits' log-sum-exp. Leave these "
+                "fields out, or use a teacher with TEACHER_ENGINE=hf"
+            )
         if temperature != 1.0:
             raise InvalidRequest(
                 f"the vLLM engine serves temperature 1.0 only, found {temperature}: vLLM computes prompt "
@@ -256,7 +269,7 @@ class VLLMEngine:
     def topk(self, requests: list[EngineRequest]) -> list[TopKRows]:
         """One ``LLM.generate`` over all sequences of all requests, each with its own k."""
         for req in requests:
-            self.check_request(req.k, req.temperature)
+            self.check_request(req.k, req.temperature, scores=req.wants_scores)
         prompts, params = [], []
         for req in requests:
             wanted = req.k + self.padded_rows
