@@ -263,7 +263,10 @@ def create_app(
         check_key(request)
         request_fmt = format_from_content_type(request.headers.get("content-type"))
         max_tokens, max_scores = settings.max_tokens_per_request, settings.max_score_ids
-        score_limit = max_score_entries(max_tokens, max_scores, settings.max_reply_bytes)
+        # Room for scored ids in msgpack bodies only: parsing a JSON body holds the GIL (an 8 MB one
+        # ~3 s here), so JSON keeps the v1 body limit and its score_ids must fit in it (curl-sized);
+        # trainers send msgpack, which parses a packed tensor in microseconds.
+        score_limit = max_score_entries(max_tokens, max_scores, settings.max_reply_bytes) if request_fmt == "msgpack" else 0
         body = await read_body(request, max_tokens, request_fmt, score_limit)
         batcher = state.ready_batcher()
         engine = batcher.engine

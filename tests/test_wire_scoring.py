@@ -371,6 +371,20 @@ def test_scored_entries_count_towards_the_reply_limit(live) -> None:
     assert decode_topk_response(fits.content, "msgpack").score_logprobs.shape == (2000, MAX_M)
 
 
+def test_a_json_body_keeps_the_v1_bound_even_with_score_ids(live) -> None:
+    """JSON parsing holds the server's GIL, so only msgpack bodies get room for scored ids: the same
+    request in JSON is refused before its body is read when it exceeds what 2,048 v1 tokens can take."""
+    from shared.wire_checks import max_body_bytes
+
+    sequences = [random_ids(73, 1000).tolist(), random_ids(75, 1000).tolist()]
+    score_ids = random_ids(74, (2000, MAX_M))
+    body = encode_topk_request(sequences, k=2, score_ids=score_ids, fmt="json")
+    assert len(body) > max_body_bytes("json", 2048)
+    refused = post(live, body, {"content-type": "application/json"})
+    assert refused.status_code == 413 and "max_tokens_per_request" in refused.json()["error"]["message"]
+    assert post(live, encode_topk_request(sequences, k=2, score_ids=score_ids), MSGPACK).status_code == 200
+
+
 def test_the_vllm_engine_refuses_scoring_with_a_422_naming_it(fake_vllm, unpadded_dir, tmp_path) -> None:  # noqa: F811
     from fastapi.testclient import TestClient
 
