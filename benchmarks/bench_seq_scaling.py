@@ -47,6 +47,7 @@ STUDENTS = {
     "d256": dict(vocab_size=49_152, d_model=256, n_layers=4, n_heads=8, ffn_dim=688, value_dim=512),
     "d512": dict(vocab_size=49_152, d_model=512, n_layers=8, n_heads=8, ffn_dim=1376, value_dim=1024),
 }
+PRESET_STUDENTS = ("350M", "500M")  # --train-student: the presets (Llama-3 vocabulary), e.g. on a GPU
 
 
 def peak_rss_bytes() -> int:
@@ -63,7 +64,9 @@ def build_student(name: str, device: torch.device, chunk: int, default_path: boo
     from student_trainer.model import RetNetStudent, StudentConfig
 
     path = {} if default_path else {"chunkwise_min_length": None}
-    if name == "tiny":
+    if name in PRESET_STUDENTS:
+        config = StudentConfig.from_preset(name, recurrent_chunk_size=chunk, **path)
+    elif name == "tiny":
         config = StudentConfig.from_preset("tiny", vocab_size=49_152, recurrent_chunk_size=chunk, **path)
     else:
         config = StudentConfig(**STUDENTS[name], recurrent_chunk_size=chunk, **path)
@@ -120,9 +123,13 @@ def one(part: str, mode: str, length: int, chunk: int, student: str, repeats: in
         model = build_student(student, device, chunk, default_path=mode == "default").train()
         chunkwise = {"parallel": False, "chunkwise": True, "default": None}[mode]
 
+        # bf16 autocast on CUDA (how the trainer runs there); fp32 on CPU (bf16 is slower on AVX2)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
         def run() -> None:
             model.zero_grad(set_to_none=True)
-            hidden = model.hidden_states(ids, chunkwise=chunkwise)
+            with autocast:
+                hidden = model.hidden_states(ids, chunkwise=chunkwise)
             hidden.float().pow(2).mean().backward()
     seconds, extra = measure(run, device, repeats)
     return {"part": part, "mode": mode, "student": student if part != "teacher" else "smollm2-135m",
@@ -133,7 +140,9 @@ def one(part: str, mode: str, length: int, chunk: int, student: str, repeats: in
 def fits_parallel(student: str, length: int, limit_gb: float, training: bool) -> bool:
     """Whether the parallel path's ``[H, L, L]`` fp32 tensors (mask, scores and, in training, what
     autograd keeps per layer) stay under ``limit_gb``."""
-    spec = STUDENTS.get(student, dict(n_heads=4, n_layers=2))
+    from student_trainer.model_config import PRESETS
+
+    spec = STUDENTS.get(student) or PRESETS.get(student) or dict(n_heads=4, n_layers=2)
     copies = 1 + (3 * spec["n_layers"] if training else 3)
     return 4 * spec["n_heads"] * length * length * copies / 2**30 <= limit_gb
 
@@ -158,8 +167,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int, int, str]]:
     if "train" in args.parts:
         for length in args.lengths or TRAIN_LENGTHS:
             for mode in ("parallel", "chunkwise", "default"):
-                if mode != "parallel" or fits_parallel("d256", length, args.parallel_max_gb, training=True):
-                    jobs.append(("train", mode, length, args.chunk, "d256"))
+                if mode != "parallel" or fits_parallel(args.train_student, length, args.parallel_max_gb, training=True):
+                    jobs.append(("train", mode, length, args.chunk, args.train_student))
     if "teacher" in args.parts:
         jobs += [("teacher", "forward", length, 0, "") for length in TEACHER_LENGTHS]
     if "prefill" in args.parts:
@@ -178,6 +187,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", help="training lengths (default 512 ... 16384)")
     parser.add_argument("--prefill-lengths", type=int, nargs="+", help="prompt lengths (default 1K ... 32K)")
     parser.add_argument("--chunk", type=int, default=512, help="chunk size of the chunkwise training rows")
+    parser.add_argument("--train-student", default="d256", choices=[*STUDENTS, *PRESET_STUDENTS],
+                        help="the student of the train part (GPU: 500M under bf16 autocast, as the original claims)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--parallel-max-gb", type=float, default=6.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
