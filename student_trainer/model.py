@@ -19,7 +19,8 @@ What is patched (by subclassing; TorchScale's own code does the rest):
   shorter ones in parallel (faster when short).
 - Decoding does not use ``RetNetDecoder.forward`` (its token-by-token ``is_first_step`` path crashes and
   it pads single tokens to a chunk when chunkwise is on): ``prefill`` builds the recurrent state chunk by
-  chunk (the chunkwise path continued from a state: memory O(chunk^2 + state) at any prompt length) and ``step`` drives the layers with TorchScale's recurrent retention.
+  chunk (the chunkwise path continued from a state: memory O(chunk^2 + state) at any prompt length)
+  and ``step`` drives the layers with TorchScale's recurrent retention.
 """
 
 from __future__ import annotations
@@ -117,8 +118,9 @@ class _Chunks:
 
 
 class _Retention(MultiScaleRetention):
-    """Multi-scale retention with the upstream normaliser and a whole-chunk recurrent step for ``prefill``;
-    optionally its own group-norm epsilon and q/k/v biases (``StudentConfig.group_norm_eps``, ``qkv_bias``)."""
+    """Multi-scale retention computing one function on all three paths (no row normaliser), with our own
+    chunkwise path (also used by ``prefill``); optionally its own group-norm epsilon and q/k/v biases
+    (``StudentConfig.group_norm_eps``, ``qkv_bias``)."""
 
     def __init__(self, args: RetNetConfig, embed_dim: int, value_dim: int, num_heads: int) -> None:
         super().__init__(args, embed_dim, value_dim, num_heads)
