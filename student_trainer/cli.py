@@ -48,6 +48,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"retnet-distill evaluate: {exc}", file=sys.stderr)
         return 1
     print_report(console, report)
+    generation = report.get("generation", {})
+    for who in ("student", "teacher"):  # each model's own answers to the prompts, scored by the teacher
+        if who in generation:
+            g = generation[who]
+            shown = ", ".join(f"{key} {'-' if g[key] is None else f'{g[key]:.3f}'}"
+                              for key in ("teacher_nll", "distinct_2", "distinct_3", "repetition_4"))
+            console.print(f"{who}'s own answers ({int(g['tokens'])} tokens): {shown}")
     if "long_context" in report:
         from student_trainer.long_context import print_long_context
 

@@ -192,8 +192,8 @@ def stop_ids(tokenizer: Any) -> set[int]:
 
 @torch.no_grad()
 def student_answer(student: RetNetStudent, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float,
-                   top_p: float, seed: int, device: torch.device) -> tuple[str, int, float]:
-    """``(text, new tokens, decode seconds)`` of one sampled answer through the recurrent state."""
+                   top_p: float, seed: int, device: torch.device) -> tuple[str, list[int], float]:
+    """``(text, new token ids, decode seconds)`` of one sampled answer through the recurrent state."""
     ids = torch.tensor(chat_prompt_ids(tokenizer, prompt), device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     stops, produced = stop_ids(tokenizer), []
@@ -203,18 +203,27 @@ def student_answer(student: RetNetStudent, tokenizer: Any, prompt: str, max_new_
         if int(token[0]) in stops:
             break
         produced.append(int(token[0]))
-    return tokenizer.decode(produced, skip_special_tokens=True), len(produced), time.perf_counter() - started
+    return tokenizer.decode(produced, skip_special_tokens=True), produced, time.perf_counter() - started
 
 
 @torch.no_grad()
 def teacher_answer(teacher_lm: Any, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float,
-                   top_p: float, seed: int) -> str:
+                   top_p: float, seed: int) -> tuple[str, list[int]]:
+    """``(text, new token ids up to the first stop id)`` of the teacher's own sampled answer."""
     ids = torch.tensor([chat_prompt_ids(tokenizer, prompt)], device=teacher_lm.device)
     torch.manual_seed(seed)
+    head_rows = teacher_lm.get_output_embeddings().weight.shape[0]
+    padded = list(range(len(tokenizer), head_rows))  # LM-head rows no token has (never sampled)
     out = teacher_lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                              suppress_tokens=padded or None,
                               do_sample=temperature > 0, temperature=temperature or None, top_p=top_p,
                               eos_token_id=sorted(stop_ids(tokenizer)), pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    produced, stops = [], stop_ids(tokenizer)
+    for token in out[0, ids.shape[1]:].tolist():
+        if token in stops:
+            break
+        produced.append(token)
+    return tokenizer.decode(produced, skip_special_tokens=True), produced
 
 
 @torch.no_grad()
@@ -272,17 +281,25 @@ def evaluate(settings: EvalSettings, progress: Any = None) -> dict[str, Any]:
     metrics["decode_tokens_per_s"] = decode_speed(student, probe)
 
     say("generating samples")
-    samples = []
+    samples, generated = [], {"prompts": [], "student": [], "teacher": []}
     for i, prompt in enumerate(settings.prompts):
-        text, count, seconds = student_answer(student, tokenizer, prompt, settings.max_new_tokens, settings.temperature,
-                                              settings.top_p, settings.seed + i, device)
-        samples.append({"prompt": prompt, "student": text, "student_tokens": count,
-                        "teacher": teacher_answer(teacher_lm, tokenizer, prompt, settings.max_new_tokens,
-                                                  settings.temperature, settings.top_p, settings.seed + i)})
+        text, student_ids, seconds = student_answer(student, tokenizer, prompt, settings.max_new_tokens,
+                                                    settings.temperature, settings.top_p, settings.seed + i, device)
+        teacher_text, teacher_ids = teacher_answer(teacher_lm, tokenizer, prompt, settings.max_new_tokens,
+                                                   settings.temperature, settings.top_p, settings.seed + i)
+        samples.append({"prompt": prompt, "student": text, "student_tokens": len(student_ids), "teacher": teacher_text})
+        generated["prompts"].append(chat_prompt_ids(tokenizer, prompt))
+        generated["student"].append(student_ids)
+        generated["teacher"].append(teacher_ids)
+    say("scoring the generations with the teacher")
+    from student_trainer.generation_quality import generation_metrics
+
+    generation = {who: generation_metrics(teacher_lm, engine.vocab_size, generated["prompts"], generated[who])
+                  for who in ("student", "teacher")}
     report = {
         "checkpoint": str(checkpoint.model_dir), "step": checkpoint.step, "teacher": teacher_name,
         "data": str(data_dir), "split": split, "student_parameters": student.num_parameters(),
-        "metrics": metrics, "samples": samples,
+        "metrics": metrics, "generation": generation, "samples": samples,
         "sampling": {"temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed,
                      "max_new_tokens": settings.max_new_tokens},
         "settings": asdict(settings),
