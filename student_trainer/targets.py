@@ -202,3 +202,50 @@ def _as_tensor(value: ArrayLike, name: str) -> torch.Tensor:
             value = value.copy()  # wire buffers are read-only; torch warns on (and must not write to) them
         return torch.from_numpy(np.ascontiguousarray(value))
     raise TypeError(f"{name} must be a numpy array or torch.Tensor, found {type(value).__name__}")
+
+
+@dataclass
+class TeacherScores:
+    """The teacher's targets for a batch plus its log-probabilities of ids chosen by the caller (wire
+    v1.1 ``score_ids``, e.g. the tokens a student sampled and its own top k), padded like the targets.
+
+    Attributes:
+        targets: the usual top-k targets ``[B, L, k]``.
+        score_ids: ``[B, L, m]`` int64, the ids that were scored (padding rows: 0).
+        score_logprobs: ``[B, L, m]`` float32 ``log p_T(id | prefix)``, exact (padding rows: ``-inf``).
+        logsumexp: ``[B, L]`` float32 ``logsumexp(logits / T)`` (padding rows: ``-inf``).
+    """
+
+    targets: TeacherTargets
+    score_ids: torch.Tensor
+    score_logprobs: torch.Tensor
+    logsumexp: torch.Tensor
+
+    @classmethod
+    def from_rows(cls, targets: TeacherTargets, score_ids: torch.Tensor, score_logprobs: ArrayLike,
+                  logsumexp: ArrayLike, lengths: Sequence[int]) -> "TeacherScores":
+        """``score_logprobs [N, m]`` and ``logsumexp [N]`` packed sequence after sequence (as on the
+        wire) -> padded to ``score_ids``'s ``[B, L, m]``."""
+        scores = _as_tensor(score_logprobs, "score_logprobs").float()
+        lse = _as_tensor(logsumexp, "logsumexp").float()
+        batch, seq_len, m = score_ids.shape
+        if scores.shape != (sum(lengths), m) or lse.shape != (sum(lengths),):
+            raise ValueError(f"expected score_logprobs [{sum(lengths)}, {m}] and logsumexp [{sum(lengths)}], found "
+                             f"{tuple(scores.shape)} and {tuple(lse.shape)}")
+        out_scores = torch.full((batch, seq_len, m), PAD_LOGPROB, dtype=torch.float32)
+        out_lse = torch.full((batch, seq_len), PAD_LOGPROB, dtype=torch.float32)
+        start = 0
+        for row, n in enumerate(int(n) for n in lengths):
+            out_scores[row, :n] = scores[start:start + n]
+            out_lse[row, :n] = lse[start:start + n]
+            start += n
+        return cls(targets, score_ids.long(), out_scores, out_lse)
+
+
+def packed_score_ids(score_ids: torch.Tensor, lengths: Sequence[int]) -> np.ndarray:
+    """``[B, L, m]`` ids (right-padded) -> ``[sum(lengths), m]`` int64 rows, sequence after sequence
+    (the wire's packed layout)."""
+    if score_ids.dim() != 3 or score_ids.shape[0] != len(lengths):
+        raise ValueError(f"score_ids must be [B, L, m] with B = {len(lengths)} rows, found {tuple(score_ids.shape)}")
+    ids = score_ids.cpu().numpy()
+    return np.concatenate([ids[row, :n] for row, n in enumerate(int(n) for n in lengths)]).astype(np.int64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from student_trainer.targets import TeacherTargets
+from student_trainer.targets import TeacherScores, TeacherTargets, packed_score_ids
 from teacher_server.engines.base import EngineRequest, TopKEngine
 
 
@@ -50,6 +50,18 @@ class DirectTeacher:
             rows.indices, rows.logprobs, rows.tail_logprob, lengths.tolist(), seq_len=input_ids.shape[1],
             temperature=self.temperature,
         )
+
+    def scores_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, score_ids: torch.Tensor) -> TeacherScores:
+        """Targets ``[B, L, k]`` and the exact log-probs of ``score_ids [B, L, m]`` at every position,
+        from one forward (e.g. a student's sampled tokens and its own top k, for on-policy losses)."""
+        ids = input_ids.cpu().numpy()
+        sequences = [ids[row, :n].astype(np.int64) for row, n in enumerate(lengths.tolist())]
+        request = EngineRequest(sequences, self.k, self.temperature, packed_score_ids(score_ids, lengths.tolist()),
+                                return_logsumexp=True)
+        rows = self.engine.topk([request])[0]
+        targets = TeacherTargets.from_rows(rows.indices, rows.logprobs, rows.tail_logprob, lengths.tolist(),
+                                           seq_len=input_ids.shape[1], temperature=self.temperature)
+        return TeacherScores.from_rows(targets, score_ids, rows.score_logprobs, rows.logsumexp, lengths.tolist())
 
     def close(self) -> None:
         pass

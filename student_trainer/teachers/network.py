@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from shared.wire import MSGPACK, TopKResponse, decode_topk_response, encode_topk_request
-from student_trainer.targets import TeacherTargets
+from student_trainer.targets import TeacherScores, TeacherTargets, packed_score_ids
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ class NetworkTeacher:
         self._prefetched: dict[tuple, Future] = {}
         self._warned: set[str] = set()
         self.stats = {"requests": 0, "retries": 0, "bytes_received": 0, "latency_s": 0.0}
+        self._cannot_score: set[str] = set()
         expected = TeacherIdentity(teacher_model or "", weights_fingerprint or "", tokenizer_sha256, vocab_size)
         self.identity = self._check_services(expected, max_sequence_length, max_request_tokens)
         self.name = f"network:{self.identity.model}@{','.join(self.urls)}"
@@ -218,6 +219,8 @@ class NetworkTeacher:
                     "teacher whose tokenizer made the data, or preprocess the data with this teacher's tokenizer"
                 )
             self._check_limits(url, info, max_sequence_length, max_request_tokens)
+            if not info.get("score_ids"):  # wire v1.1; scores_for refuses while any replica lacks it
+                self._cannot_score.add(url)
             differences = (identity or expected).differences(served)
             if differences:
                 fix = ("every replica must serve the same teacher" if identity else
@@ -266,7 +269,7 @@ class NetworkTeacher:
             return min(range(len(self.urls)), key=lambda i: self._down_until[i])
         return min(healthy, key=lambda i: (self._in_flight[i], (i - start) % len(self.urls)))
 
-    async def _request(self, body: bytes, lengths: list[int]) -> TopKResponse:
+    async def _request(self, body: bytes, lengths: list[int], scored: int = 0) -> TopKResponse:
         errors: list[str] = []
         first_try = time.monotonic()
         for attempt in itertools.count():
@@ -279,6 +282,9 @@ class NetworkTeacher:
                 if reply.status_code == 200:
                     decoded = decode_topk_response(reply.content, "msgpack")
                     self._check_reply(url, decoded, lengths)
+                    if scored and (decoded.score_logprobs is None or decoded.score_logprobs.shape != (sum(lengths), scored)
+                                   or decoded.logsumexp is None):
+                        raise ValueError(f"a reply without the {scored} score_logprobs per position it was asked for")
                     self.stats["requests"] += 1
                     self.requests_per_url[index] += 1
                     self.stats["bytes_received"] += len(reply.content)
@@ -342,6 +348,25 @@ class NetworkTeacher:
         reply = future.result()
         return TeacherTargets.from_rows(np.array(reply.indices), np.array(reply.logprobs), np.array(reply.tail_logprob),
                                         reply.lengths, seq_len=input_ids.shape[1], temperature=self.temperature)
+
+    def scores_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, score_ids: torch.Tensor) -> TeacherScores:
+        """Targets ``[B, L, k]`` and the exact log-probs of ``score_ids [B, L, m]`` at every position, in
+        one request (wire v1.1 ``score_ids`` + ``return_logsumexp``; retried and checked like any)."""
+        if self._cannot_score:
+            raise TeacherRejected(f"teacher {', '.join(sorted(self._cannot_score))} does not score ids (wire v1.1 "
+                                  "score_ids; its GET /v1/models says score_ids: false): serve the teacher with "
+                                  "TEACHER_ENGINE=hf from this version, and TEACHER_MAX_SCORE_IDS > 0")
+        ids = input_ids.cpu().numpy()
+        sequences = [ids[row, :n].astype(np.int32) for row, n in enumerate(lengths.tolist())]
+        packed = packed_score_ids(score_ids, lengths.tolist())
+        body = encode_topk_request(sequences, k=self.k, temperature=self.temperature, fmt="msgpack",
+                                   score_ids=packed, return_logsumexp=True)
+        reply = asyncio.run_coroutine_threadsafe(self._request(body, lengths.tolist(), packed.shape[1]),
+                                                 self._loop).result()
+        targets = TeacherTargets.from_rows(np.array(reply.indices), np.array(reply.logprobs), np.array(reply.tail_logprob),
+                                           reply.lengths, seq_len=input_ids.shape[1], temperature=self.temperature)
+        return TeacherScores.from_rows(targets, score_ids, np.array(reply.score_logprobs), np.array(reply.logsumexp),
+                                       reply.lengths)
 
     def drop_prefetched(self) -> None:
         """Forget requests in flight (after a failure, their batches are served by a fallback)."""
