@@ -84,3 +84,23 @@ def test_a_network_teacher_scores_over_the_wire_like_the_direct_one(tiny_model_d
         refusing.close()
     finally:
         assert server.stop() == 0 and off.stop() == 0
+
+
+def test_the_fallback_chain_scores_on_the_next_source_when_the_service_is_gone(tiny_model_dir, tiny_engine,
+                                                                             tiny_shards, tmp_path) -> None:
+    from student_trainer.teachers.fallback import FallbackTeacher
+
+    manifest = read_manifest(tiny_shards)
+    ids, score_ids = _batch()
+    server = start_server(str(tiny_model_dir), tmp_path / "server")
+    network = NetworkTeacher([server.url], 8, 1.0, manifest["tokenizer_sha256"], manifest["vocab_size"], retries=0,
+                             backoff=0.01)
+    direct = DirectTeacher(tiny_engine, k=8, temperature=1.0)
+    chain = FallbackTeacher([network, direct])
+    first = chain.scores_for(ids, LENGTHS, score_ids)
+    assert chain.active == 0
+    assert server.stop() == 0
+    second = chain.scores_for(ids, LENGTHS, score_ids)  # the same batch, served by the direct teacher
+    assert chain.active == 1
+    torch.testing.assert_close(second.score_logprobs, first.score_logprobs)
+    network.close()

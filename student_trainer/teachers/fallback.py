@@ -7,10 +7,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from student_trainer.targets import TeacherTargets
+from student_trainer.targets import TeacherScores, TeacherTargets
 from student_trainer.teachers.base import TeacherSource
 from student_trainer.teachers.network import TeacherMismatch, TeacherUnavailable, refuse_or_warn
 
@@ -77,11 +78,26 @@ class FallbackTeacher:
 
     def targets_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, indices: torch.Tensor,
                     split: str = "train") -> TeacherTargets:
+        return self._on_active(lambda source: source.targets_for(input_ids, lengths, indices, split))
+
+    def scores_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, score_ids: torch.Tensor) -> TeacherScores:
+        """Scores of ids (wire v1.1) from the active source, falling over like :meth:`targets_for`; a
+        cached source cannot score ids the cache never saw, and says so."""
+        def scores(source: TeacherSource) -> TeacherScores:
+            if not hasattr(source, "scores_for"):
+                raise ValueError(f"teacher {source.name} cannot score arbitrary ids (a cache holds only the top k of "
+                                 "its own data); fall back to a direct teacher instead (teacher_fallback: [direct])")
+            return source.scores_for(input_ids, lengths, score_ids)
+
+        return self._on_active(scores)
+
+    def _on_active(self, ask: Callable[[TeacherSource], Any]) -> Any:
+        """``ask(source)`` on the active source; on TeacherUnavailable, the next source in the chain."""
         self._maybe_return_to_primary()
         while True:
             source = self.sources[self.active]
             try:
-                return source.targets_for(input_ids, lengths, indices, split)
+                return ask(source)
             except TeacherUnavailable as exc:
                 if self.active + 1 >= len(self.sources):
                     raise
