@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -115,6 +115,8 @@ class _Chunks:
     log_decay: torch.Tensor
     chunk_size: int
     start: int = 0
+    # decay tables by chunk length, built by the first layer and reused by the others in this forward
+    tables: dict[int, "_DecayTables"] = field(default_factory=dict)
 
 
 class _Retention(MultiScaleRetention):
@@ -157,7 +159,7 @@ class _Retention(MultiScaleRetention):
         """The chunkwise path: L tokens in chunks of ``chunks.chunk_size`` (the last may be shorter),
         each one :meth:`_chunk_step` after the state the earlier ones left in ``state`` (updated).
         qr, kr: [B, H, L, dk] (rotated); v: [B, L, H*dv] -> [B, L, H, dv] in v's dtype."""
-        outputs, tables, begin = [], {}, 0
+        outputs, tables, begin = [], chunks.tables, 0
         # split, not slicing: the backward of each slice would write a zero-filled copy of the whole
         # [B, H, L, dk] input (O(L^2 / chunk) in all); split's backward concatenates once.
         size = chunks.chunk_size

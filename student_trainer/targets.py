@@ -178,17 +178,25 @@ class TeacherTargets:
         if seq_len < longest:
             raise ValueError(f"seq_len={seq_len} is shorter than the longest sequence; pass seq_len >= {longest}")
 
-        batch, k = len(lengths), ids.shape[1]
-        out_ids = torch.full((batch, seq_len, k), PAD_INDEX, dtype=torch.int64, device=ids.device)
-        out_lps = torch.full((batch, seq_len, k), PAD_LOGPROB, dtype=lps.dtype, device=lps.device)
-        out_tail = torch.full((batch, seq_len), PAD_LOGPROB, dtype=tail.dtype, device=tail.device)
-        start = 0
-        for row, n in enumerate(lengths):
-            out_ids[row, :n] = ids[start : start + n]
-            out_lps[row, :n] = lps[start : start + n]
-            out_tail[row, :n] = tail[start : start + n]
-            start += n
-        return cls(out_ids, out_lps, out_tail, temperature=temperature)
+        return cls(pad_packed(ids, lengths, seq_len, PAD_INDEX), pad_packed(lps, lengths, seq_len, PAD_LOGPROB),
+                   pad_packed(tail, lengths, seq_len, PAD_LOGPROB), temperature=temperature)
+
+
+def pad_packed(packed: torch.Tensor, lengths: Sequence[int], seq_len: int, fill: float) -> torch.Tensor:
+    """Rows packed sequence after sequence ``[sum(lengths), ...]`` -> ``[B, seq_len, ...]``, ``fill`` after
+    each sequence's rows (same dtype and device)."""
+    out = torch.full((len(lengths), seq_len, *packed.shape[1:]), fill, dtype=packed.dtype, device=packed.device)
+    start = 0
+    for row, n in enumerate(lengths):
+        out[row, :n] = packed[start:start + n]
+        start += n
+    return out
+
+
+def unpadded_rows(input_ids: torch.Tensor, lengths: torch.Tensor, dtype: type = np.int64) -> list[np.ndarray]:
+    """``input_ids [B, L]`` (right-padded) -> one ``[lengths[i]]`` numpy array per row (the wire's sequences)."""
+    ids = input_ids.cpu().numpy()
+    return [ids[row, :n].astype(dtype) for row, n in enumerate(lengths.tolist())]
 
 
 def _as_tensor(value: ArrayLike, name: str) -> torch.Tensor:
@@ -228,18 +236,13 @@ class TeacherScores:
         wire) -> padded to ``score_ids``'s ``[B, L, m]``."""
         scores = _as_tensor(score_logprobs, "score_logprobs").float()
         lse = _as_tensor(logsumexp, "logsumexp").float()
-        batch, seq_len, m = score_ids.shape
+        _, seq_len, m = score_ids.shape
+        lengths = [int(n) for n in lengths]
         if scores.shape != (sum(lengths), m) or lse.shape != (sum(lengths),):
             raise ValueError(f"expected score_logprobs [{sum(lengths)}, {m}] and logsumexp [{sum(lengths)}], found "
                              f"{tuple(scores.shape)} and {tuple(lse.shape)}")
-        out_scores = torch.full((batch, seq_len, m), PAD_LOGPROB, dtype=torch.float32)
-        out_lse = torch.full((batch, seq_len), PAD_LOGPROB, dtype=torch.float32)
-        start = 0
-        for row, n in enumerate(int(n) for n in lengths):
-            out_scores[row, :n] = scores[start:start + n]
-            out_lse[row, :n] = lse[start:start + n]
-            start += n
-        return cls(targets, score_ids.long(), out_scores, out_lse)
+        return cls(targets, score_ids.long(), pad_packed(scores, lengths, seq_len, PAD_LOGPROB),
+                   pad_packed(lse, lengths, seq_len, PAD_LOGPROB))
 
 
 def packed_score_ids(score_ids: torch.Tensor, lengths: Sequence[int]) -> np.ndarray:

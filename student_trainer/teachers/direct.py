@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from student_trainer.targets import TeacherScores, TeacherTargets, packed_score_ids
+from student_trainer.targets import TeacherScores, TeacherTargets, packed_score_ids, unpadded_rows
 from teacher_server.engines.base import EngineRequest, TopKEngine
 
 
@@ -43,25 +43,23 @@ class DirectTeacher:
     def targets_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, indices: torch.Tensor,
                     split: str = "train") -> TeacherTargets:
         """``input_ids [B, L]``, ``lengths [B]`` -> targets ``[B, L, k]`` (padding rows: -inf)."""
-        ids = input_ids.cpu().numpy()
-        sequences = [ids[row, :n].astype(np.int64) for row, n in enumerate(lengths.tolist())]
-        rows = self.engine.topk([EngineRequest(sequences, self.k, self.temperature)])[0]
-        return TeacherTargets.from_rows(
-            rows.indices, rows.logprobs, rows.tail_logprob, lengths.tolist(), seq_len=input_ids.shape[1],
-            temperature=self.temperature,
-        )
+        return self._targets(self._rows(input_ids, lengths), input_ids, lengths)
 
     def scores_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, score_ids: torch.Tensor) -> TeacherScores:
         """Targets ``[B, L, k]`` and the exact log-probs of ``score_ids [B, L, m]`` at every position,
         from one forward (e.g. a student's sampled tokens and its own top k, for on-policy losses)."""
-        ids = input_ids.cpu().numpy()
-        sequences = [ids[row, :n].astype(np.int64) for row, n in enumerate(lengths.tolist())]
-        request = EngineRequest(sequences, self.k, self.temperature, packed_score_ids(score_ids, lengths.tolist()),
-                                return_logsumexp=True)
-        rows = self.engine.topk([request])[0]
-        targets = TeacherTargets.from_rows(rows.indices, rows.logprobs, rows.tail_logprob, lengths.tolist(),
-                                           seq_len=input_ids.shape[1], temperature=self.temperature)
-        return TeacherScores.from_rows(targets, score_ids, rows.score_logprobs, rows.logsumexp, lengths.tolist())
+        rows = self._rows(input_ids, lengths, packed_score_ids(score_ids, lengths.tolist()))
+        return TeacherScores.from_rows(self._targets(rows, input_ids, lengths), score_ids, rows.score_logprobs,
+                                       rows.logsumexp, lengths.tolist())
+
+    def _rows(self, input_ids: torch.Tensor, lengths: torch.Tensor, score_ids: np.ndarray | None = None):
+        request = EngineRequest(unpadded_rows(input_ids, lengths), self.k, self.temperature, score_ids,
+                                return_logsumexp=score_ids is not None)
+        return self.engine.topk([request])[0]
+
+    def _targets(self, rows, input_ids: torch.Tensor, lengths: torch.Tensor) -> TeacherTargets:
+        return TeacherTargets.from_rows(rows.indices, rows.logprobs, rows.tail_logprob, lengths.tolist(),
+                                        seq_len=input_ids.shape[1], temperature=self.temperature)
 
     def close(self) -> None:
         pass

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from shared.wire import MSGPACK, TopKResponse, decode_topk_response, encode_topk_request
-from student_trainer.targets import TeacherScores, TeacherTargets, packed_score_ids
+from student_trainer.targets import TeacherScores, TeacherTargets, packed_score_ids, unpadded_rows
 
 log = logging.getLogger(__name__)
 
@@ -330,9 +330,8 @@ class NetworkTeacher:
     # ----------------------------------------------------------------------------- interface
 
     def _submit(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> Future:
-        ids = input_ids.cpu().numpy()
-        sequences = [ids[row, :n].astype(np.int32) for row, n in enumerate(lengths.tolist())]
-        body = encode_topk_request(sequences, k=self.k, temperature=self.temperature, fmt="msgpack")
+        body = encode_topk_request(unpadded_rows(input_ids, lengths, np.int32), k=self.k, temperature=self.temperature,
+                                   fmt="msgpack")
         return asyncio.run_coroutine_threadsafe(self._request(body, lengths.tolist()), self._loop)
 
     def prefetch(self, input_ids: torch.Tensor, lengths: torch.Tensor, indices: torch.Tensor, split: str = "train") -> None:
@@ -345,9 +344,11 @@ class NetworkTeacher:
                     split: str = "train") -> TeacherTargets:
         """Targets ``[B, L, k]``; waits only for what a prefetch has not already brought."""
         future = self._prefetched.pop((split, tuple(indices.tolist())), None) or self._submit(input_ids, lengths)
-        reply = future.result()
+        return self._targets(future.result(), input_ids.shape[1])
+
+    def _targets(self, reply: TopKResponse, seq_len: int) -> TeacherTargets:
         return TeacherTargets.from_rows(np.array(reply.indices), np.array(reply.logprobs), np.array(reply.tail_logprob),
-                                        reply.lengths, seq_len=input_ids.shape[1], temperature=self.temperature)
+                                        reply.lengths, seq_len=seq_len, temperature=self.temperature)
 
     def scores_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, score_ids: torch.Tensor) -> TeacherScores:
         """Targets ``[B, L, k]`` and the exact log-probs of ``score_ids [B, L, m]`` at every position, in
@@ -356,17 +357,13 @@ class NetworkTeacher:
             raise TeacherRejected(f"teacher {', '.join(sorted(self._cannot_score))} does not score ids (wire v1.1 "
                                   "score_ids; its GET /v1/models says score_ids: false): serve the teacher with "
                                   "TEACHER_ENGINE=hf from this version, and TEACHER_MAX_SCORE_IDS > 0")
-        ids = input_ids.cpu().numpy()
-        sequences = [ids[row, :n].astype(np.int32) for row, n in enumerate(lengths.tolist())]
         packed = packed_score_ids(score_ids, lengths.tolist())
-        body = encode_topk_request(sequences, k=self.k, temperature=self.temperature, fmt="msgpack",
-                                   score_ids=packed, return_logsumexp=True)
+        body = encode_topk_request(unpadded_rows(input_ids, lengths, np.int32), k=self.k, temperature=self.temperature,
+                                   fmt="msgpack", score_ids=packed, return_logsumexp=True)
         reply = asyncio.run_coroutine_threadsafe(self._request(body, lengths.tolist(), packed.shape[1]),
                                                  self._loop).result()
-        targets = TeacherTargets.from_rows(np.array(reply.indices), np.array(reply.logprobs), np.array(reply.tail_logprob),
-                                           reply.lengths, seq_len=input_ids.shape[1], temperature=self.temperature)
-        return TeacherScores.from_rows(targets, score_ids, np.array(reply.score_logprobs), np.array(reply.logsumexp),
-                                       reply.lengths)
+        return TeacherScores.from_rows(self._targets(reply, input_ids.shape[1]), score_ids,
+                                       np.array(reply.score_logprobs), np.array(reply.logsumexp), reply.lengths)
 
     def drop_prefetched(self) -> None:
         """Forget requests in flight (after a failure, their batches are served by a fallback)."""
