@@ -152,6 +152,48 @@ def test_prefill_then_step_matches_parallel(trained: RetNetStudent, prompt_len: 
 
 
 @torch.no_grad()
+def test_prompts_of_different_lengths_decode_together_as_each_alone(trained: RetNetStudent) -> None:
+    """A ragged prefill (one position per row) then batched steps give each row the numbers of its own
+    prefill and steps, and the parallel forward's, although the rows sit at different positions."""
+    ids = random_ids(4, SEQ, seed=6)
+    lengths = torch.tensor([5, 17, 1, 17])
+    padded = ids.clone()
+    for row, n in enumerate(lengths.tolist()):
+        padded[row, n:] = 0  # padding must not matter
+    logits, state = trained.prefill(padded, lengths=lengths)
+    assert state.position.tolist() == lengths.tolist()
+    assert state.layers[0]["scale"].shape == (4, trained.config.n_heads)
+    outputs = [logits]
+    for t in range(6):  # every row feeds its own next token, at its own position
+        tokens = ids[torch.arange(4), lengths + t]
+        logits, state = trained.step(tokens, state)
+        outputs.append(logits)
+    ragged = torch.stack(outputs, dim=1)  # [B, 7, V]
+    parallel = trained(ids[:, :lengths.max() + 6])
+    for row, n in enumerate(lengths.tolist()):
+        alone_logits, alone = trained.prefill(ids[row:row + 1, :n])
+        alone_outputs = [alone_logits]
+        for t in range(6):
+            alone_logits, alone = trained.step(ids[row:row + 1, n + t], alone)
+            alone_outputs.append(alone_logits)
+        torch.testing.assert_close(ragged[row], torch.cat(alone_outputs), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ragged[row], parallel[row, n - 1:n + 6], atol=1e-4, rtol=1e-4)
+
+
+def test_a_ragged_prefill_refuses_bad_lengths_and_a_prefill_after_it(trained: RetNetStudent) -> None:
+    ids = random_ids(2, 8)
+    with pytest.raises(ValueError, match=r"lengths must be in \[1, 8\]"):
+        trained.prefill(ids, lengths=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"lengths must be a \[B\] = \[2\] tensor"):
+        trained.prefill(ids, lengths=torch.tensor([3]))
+    _, state = trained.prefill(ids, lengths=torch.tensor([8, 3]))
+    with pytest.raises(ValueError, match="continue it token by token with step"):
+        trained.prefill(ids, state=state)
+    with pytest.raises(ValueError, match="starts from an empty state"):
+        trained.prefill(ids, state=state, lengths=torch.tensor([8, 3]))
+
+
+@torch.no_grad()
 def test_step_does_not_modify_the_given_state(trained: RetNetStudent) -> None:
     ids = random_ids(2, 10, seed=4)
     _, state = trained.prefill(ids)
