@@ -94,9 +94,19 @@ class TrainConfig:
     temperature: float = 1.0
     distill_alpha: float = 0.5  # weight of the hard-label CE; the KL gets (1 - alpha) * T^2
     lambda_div: float = 0.0
-    divergence: Literal["forward", "reverse", "skew"] = "forward"
+    divergence: Literal["forward", "reverse", "skew", "jsd"] = "forward"
     skew_beta: float = 0.1
+    jsd_beta: float = 0.5  # divergence=jsd: beta KL(p_t || M) + (1 - beta) KL(p_s || M), M = beta p_t + (1 - beta) p_s
     loss_chunk_rows: int = 512
+    # on-policy distillation (README: On-policy distillation): this share of the KD steps trains on the
+    # student's own continuations of the batch's prompts, which the teacher scores (wire v1.1 score_ids)
+    onpolicy_fraction: float = 0.0  # 0: off; 0.25: every fourth KD step
+    onpolicy_max_new_tokens: int = 64  # tokens the student writes per prompt (fewer where it ends its turn)
+    onpolicy_temperature: float = 1.0  # the student's sampling temperature
+    onpolicy_student_topk: int = 64  # the student's top ids the teacher scores at each written token (+ the sampled one)
+    onpolicy_divergence: Literal["reverse_kl", "jsd"] = "reverse_kl"
+    onpolicy_jsd_beta: float = 0.5
+    onpolicy_stop_ids: list[int] | None = None  # ids that end the student's text; None: the data's eos_id
     # optimiser
     optimizer: Literal["muon", "adamw"] = "muon"
     lr: float = 3e-4
@@ -148,6 +158,9 @@ class TrainConfig:
                               f"{self.teacher_fallback} with teacher_mode={self.teacher_mode}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, found {self.lr}")
+        if not 0.0 < self.jsd_beta < 1.0:
+            raise ConfigError(f"jsd_beta must be in (0, 1), found {self.jsd_beta}")
+        self._check_onpolicy()
         if self.distributed == "fsdp2" and self.optimizer == "muon":
             # torch.optim.Muon orthogonalises each rank's DTensor shard, not the whole matrix (torch 2.14)
             raise ConfigError("distributed=fsdp2 needs optimizer=adamw: torch's Muon would orthogonalise each rank's "
@@ -158,6 +171,26 @@ class TrainConfig:
                               f"({self.teacher_deadline_s}): the other ranks wait that long for a rank whose "
                               "teacher is retrying")
 
+
+    def _check_onpolicy(self) -> None:
+        if not 0.0 <= self.onpolicy_fraction <= 1.0:
+            raise ConfigError(f"onpolicy_fraction must be in [0, 1] (0: off), found {self.onpolicy_fraction}")
+        if not self.onpolicy_fraction:
+            return
+        if not 1 <= self.onpolicy_max_new_tokens < self.max_seq_length:
+            raise ConfigError(f"onpolicy_max_new_tokens must be in [1, max_seq_length={self.max_seq_length}) (the "
+                              f"prompt needs a token), found {self.onpolicy_max_new_tokens}")
+        if not self.onpolicy_temperature > 0:
+            raise ConfigError(f"onpolicy_temperature must be > 0, found {self.onpolicy_temperature}")
+        if self.onpolicy_student_topk < 1:
+            raise ConfigError(f"onpolicy_student_topk must be >= 1, found {self.onpolicy_student_topk}")
+        if not 0.0 < self.onpolicy_jsd_beta < 1.0:
+            raise ConfigError(f"onpolicy_jsd_beta must be in (0, 1), found {self.onpolicy_jsd_beta}")
+        if self.teacher_mode == "cached" or "cached" in self.teacher_fallback:
+            where = "teacher_mode=cached" if self.teacher_mode == "cached" else "teacher_fallback includes cached"
+            raise ConfigError(f"onpolicy_fraction={self.onpolicy_fraction} needs a teacher that scores the student's "
+                              f"own text, but {where}: a cache holds only the teacher's top k of its own data. Use "
+                              "teacher_mode=direct or network (with teacher_fallback: [direct]), or onpolicy_fraction=0")
 
     def _check_chunking(self) -> None:
         from student_trainer.model_config import PRESETS, StudentConfig

@@ -10,7 +10,9 @@ For a supervised row with student logits ``z [V]``, temperature ``T`` and teache
   a masked logsumexp (``log1p(-sum p_s)`` cancels catastrophically when ``K`` holds nearly all the mass).
 - ``KL = sum_b p_t[b] * (l_t[b] - l_s[b])`` over the buckets; ``CE = -log_softmax(z)[y]`` at ``T = 1``.
 - ``loss = alpha * CE + (1 - alpha) * T^2 * D + lambda_div * relu(H_t - H_s)``, each a mean over
-  supervised rows; ``D`` is the forward KL, the reverse KL or the skew KL ``KL(p_t || b p_t + (1-b) p_s)``.
+  supervised rows; ``D`` is the forward KL, the reverse KL, the skew KL ``KL(p_t || b p_t + (1-b) p_s)``
+  or the generalised Jensen-Shannon divergence ``b KL(p_t || M) + (1-b) KL(p_s || M)``, ``M = b p_t + (1-b) p_s``
+  (GKD's JSD(beta), bounded and symmetric at b = 0.5; the on-policy mode's choice next to the reverse KL).
 
 The teacher buckets are renormalised to sum to one (fp16 log-probs and a dropped tail leave them a
 little off), so KL >= 0 and is zero exactly when the student matches.
@@ -34,7 +36,7 @@ from torch import Tensor
 
 from student_trainer.targets import TeacherTargets
 
-DIVERGENCES = ("forward", "reverse", "skew")
+DIVERGENCES = ("forward", "reverse", "skew", "jsd")
 # Reverse KL is infinite where the student has mass and the teacher has none (a -inf tail). A floor on
 # the teacher's bucket log-prob keeps it finite while still pushing that student mass down.
 REVERSE_KL_LOGPROB_FLOOR = math.log(1e-10)
@@ -50,9 +52,11 @@ class LossConfig:
         temperature: ``T > 0``; must equal the temperature the teacher targets were computed at.
         alpha: weight of the hard-label CE in ``[0, 1]``; the divergence gets ``(1 - alpha) * T^2``.
         lambda_div: weight of the entropy floor ``relu(H_t - H_s)`` on the K+1 buckets (0 turns it off).
-        divergence: ``"forward"`` KL(p_t || p_s), ``"reverse"`` KL(p_s || p_t), or ``"skew"``
-            KL(p_t || skew_beta * p_t + (1 - skew_beta) * p_s).
+        divergence: ``"forward"`` KL(p_t || p_s), ``"reverse"`` KL(p_s || p_t), ``"skew"``
+            KL(p_t || skew_beta * p_t + (1 - skew_beta) * p_s), or ``"jsd"``
+            jsd_beta * KL(p_t || M) + (1 - jsd_beta) * KL(p_s || M) with M = jsd_beta * p_t + (1 - jsd_beta) * p_s.
         skew_beta: teacher share of the skew KL's mixture, in ``[0, 1)`` (0 is the forward KL).
+        jsd_beta: teacher share of the JSD's mixture (and weight of its teacher term), in ``(0, 1)``.
         chunk_rows: supervised rows per LM-head chunk; the chunk's fp32 work needs about
             ``5 * chunk_rows * V * 4`` bytes (1.3 GB for 512 rows of a 128K vocab).
     """
@@ -62,6 +66,7 @@ class LossConfig:
     lambda_div: float = 0.0
     divergence: str = "forward"
     skew_beta: float = 0.1
+    jsd_beta: float = 0.5
     chunk_rows: int = 512
 
     def __post_init__(self) -> None:
@@ -77,6 +82,8 @@ class LossConfig:
             raise ValueError(f"loss divergence must be one of {DIVERGENCES}, found {self.divergence!r}")
         if not 0.0 <= self.skew_beta < 1.0:
             raise ValueError(f"loss skew_beta must be in [0, 1) (1 makes the skew KL zero), found {self.skew_beta}")
+        if not 0.0 < self.jsd_beta < 1.0:
+            raise ValueError(f"loss jsd_beta must be in (0, 1) (0 and 1 make the JSD zero), found {self.jsd_beta}")
         if isinstance(self.chunk_rows, bool) or not isinstance(self.chunk_rows, int) or self.chunk_rows < 1:
             raise ValueError(f"loss chunk_rows must be an int >= 1, found {self.chunk_rows!r}")
 
@@ -324,11 +331,18 @@ def _row_terms(stats: _LogitStats, rows: _Rows, config: LossConfig, start: int =
     elif config.divergence == "reverse":
         lt_floor = torch.where(ok_t, lt, REVERSE_KL_LOGPROB_FLOOR).clamp_min(REVERSE_KL_LOGPROB_FLOOR)
         divergence = (p_s * (ls - lt_floor)).sum(-1)
-    else:  # skew: log(b p_t + (1 - b) p_s) is finite wherever p_t > 0
+    elif config.divergence == "skew":  # log(b p_t + (1 - b) p_s) is finite wherever p_t > 0
         beta = config.skew_beta
         log_teacher = torch.where(ok_t, lt, neg_inf) + (math.log(beta) if beta > 0 else -math.inf)
         log_mix = torch.logaddexp(log_teacher, ls + math.log1p(-beta))
         divergence = (p_t * (lt - torch.where(ok_t, log_mix, 0.0))).sum(-1)
+    else:  # jsd: the mixture is > 0 on every student bucket, so both KLs are finite without a floor
+        beta = config.jsd_beta
+        log_mix = torch.logaddexp(torch.where(ok_t, lt, neg_inf) + math.log(beta), ls + math.log1p(-beta))
+        log_mix = torch.where(ok_s, log_mix, 0.0)
+        to_teacher = (p_t * (lt - log_mix)).sum(-1)
+        to_student = (p_s * (ls - log_mix)).sum(-1)
+        divergence = beta * to_teacher + (1.0 - beta) * to_student
 
     has_label = labels >= 0
     ce = torch.where(has_label, stats.log_norm_1 - stats.label_logit, 0.0)

@@ -9,7 +9,6 @@ this on its own rows (see :mod:`student_trainer.distributed`); rank 0 writes the
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import math
@@ -27,12 +26,14 @@ from torch import nn
 from student_trainer.attention_transfer import AttentionTransfer, set_stage_trainable
 from student_trainer.checkpoint import load_checkpoint, resolve_resume
 from student_trainer.config import TrainConfig, config_to_dict
+from student_trainer.data.batch import Batch, UpcomingBatches
 from student_trainer.data.sampler import ShardSampler
-from student_trainer.data.shards import PretokenizedShardDataset, collate_rows, read_manifest
+from student_trainer.data.shards import PretokenizedShardDataset, read_manifest
 from student_trainer.distributed import Distributed
 from student_trainer.health import HealthConfig, NonFiniteGuard, SaddleDetector
 from student_trainer.losses import LossConfig, LossOutput, distillation_loss
 from student_trainer.model import RetNetStudent, StudentConfig
+from student_trainer.onpolicy import OnPolicy, OnPolicySettings
 from student_trainer.optim import LRController, OptimConfig, build_optimizers, clip_grad_norm, configure_cuda_allocator
 from student_trainer.targets import TeacherTargets
 from student_trainer.teachers import CachedTeacher, DirectTeacher, TeacherSource
@@ -179,6 +180,26 @@ def build_retrofitted_student(config: TrainConfig, teacher_lm: nn.Module, datase
     return student, report
 
 
+def build_onpolicy(config: TrainConfig, teacher: TeacherSource, manifest: dict[str, Any], device: torch.device,
+                   autocast: Any, dist: Distributed) -> OnPolicy | None:
+    """The on-policy sampler of ``onpolicy_fraction`` > 0 (None when it is 0)."""
+    if not config.onpolicy_fraction:
+        return None
+    if dist.enabled and config.distributed == "fsdp2":
+        raise ValueError("on-policy steps sample from the whole student on each rank; with distributed=fsdp2 each rank "
+                         "holds a shard. Use distributed=ddp, or onpolicy_fraction=0")
+    stop_ids = config.onpolicy_stop_ids
+    if stop_ids is None:
+        if "eos_id" not in manifest:
+            raise ValueError("the data's manifest records no eos_id to end the student's text; set onpolicy_stop_ids")
+        stop_ids = [int(manifest["eos_id"])]
+    settings = OnPolicySettings(config.onpolicy_fraction, config.onpolicy_max_new_tokens, config.onpolicy_temperature,
+                                config.onpolicy_student_topk, config.onpolicy_divergence, config.onpolicy_jsd_beta,
+                                list(stop_ids), config.max_seq_length)
+    # one sampler stream per rank, derived from the run's seed
+    return OnPolicy(settings, teacher, teacher.vocab_size, device, autocast, seed=config.seed * 1_000_003 + dist.rank + 1)
+
+
 def optim_config(config: TrainConfig) -> OptimConfig:
     return OptimConfig(optimizer=config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
                        warmup_steps=config.warmup_steps, total_steps=config.max_steps,
@@ -195,62 +216,11 @@ def health_config(config: TrainConfig) -> HealthConfig:
 
 def loss_config(config: TrainConfig) -> LossConfig:
     return LossConfig(temperature=config.temperature, alpha=config.distill_alpha, lambda_div=config.lambda_div,
-                      divergence=config.divergence, skew_beta=config.skew_beta, chunk_rows=config.loss_chunk_rows)
+                      divergence=config.divergence, skew_beta=config.skew_beta, jsd_beta=config.jsd_beta,
+                      chunk_rows=config.loss_chunk_rows)
 
 
 # ------------------------------------------------------------------------------------ one batch
-
-
-@dataclasses.dataclass
-class Batch:
-    """A micro-batch: ``input_ids [B, L]``, ``row_mask [B, L]`` (row t supervised), ``labels [B, L]``."""
-
-    input_ids: torch.Tensor
-    lengths: torch.Tensor
-    indices: torch.Tensor
-    row_mask: torch.Tensor
-    labels: torch.Tensor
-
-    @classmethod
-    def from_rows(cls, rows: list[dict[str, Any]]) -> "Batch":
-        batch = collate_rows(rows)
-        longest = int(batch["lengths"].max())
-        input_ids, loss_mask = batch["input_ids"][:, :longest], batch["loss_mask"][:, :longest]
-        # Row t predicts token t+1: it is supervised when token t+1 is a target (mask is 0 on padding).
-        row_mask = torch.zeros_like(loss_mask)
-        row_mask[:, :-1] = loss_mask[:, 1:]
-        labels = torch.full_like(input_ids, -100)
-        labels[:, :-1] = input_ids[:, 1:]
-        return cls(input_ids, batch["lengths"], batch["indices"], row_mask, labels)
-
-
-class UpcomingBatches:
-    """Micro-batches read ahead of the step, so a teacher with ``prefetch`` (network mode) fetches
-    their targets while the current step computes. Checkpoints record the sampler position of the
-    first batch not yet trained on, so a resumed run sees exactly the batches it had not trained on.
-    """
-
-    def __init__(self, dataset: PretokenizedShardDataset, sampler: ShardSampler, batch_size: int,
-                 teacher: TeacherSource, depth: int) -> None:
-        self.dataset, self.sampler, self.batch_size, self.teacher = dataset, sampler, batch_size, teacher
-        self.set_depth(depth)
-        self._queue: collections.deque[tuple[dict[str, Any], Batch]] = collections.deque()
-
-    def next(self) -> Batch:
-        while len(self._queue) < self.depth + 1:
-            state = self.sampler.state_dict()
-            batch = Batch.from_rows([self.dataset[i] for i in self.sampler.take(self.batch_size)])
-            if self.depth:
-                self.teacher.prefetch(batch.input_ids, batch.lengths, batch.indices)
-            self._queue.append((state, batch))
-        return self._queue.popleft()[1]
-
-    def set_depth(self, depth: int) -> None:
-        """Read ``depth`` batches ahead from now on (0 turns prefetching off)."""
-        self.depth = depth if hasattr(self.teacher, "prefetch") else 0
-
-    def sampler_state(self) -> dict[str, Any]:
-        return self._queue[0][0] if self._queue else self.sampler.state_dict()
 
 
 def student_loss(model: RetNetStudent, batch: Batch, targets: TeacherTargets, config: LossConfig,
@@ -305,8 +275,10 @@ class DistillStep(nn.Module):
         super().__init__()
         self.student, self.losses, self.device, self.autocast = student, losses, device, autocast
 
-    def forward(self, batch: Batch, targets: TeacherTargets, row_totals: tuple[float, float] | None = None) -> LossOutput:
-        return student_loss(self.student, batch, targets, self.losses, self.device, self.autocast, row_totals)
+    def forward(self, batch: Batch, targets: TeacherTargets, row_totals: tuple[float, float] | None = None,
+                losses: LossConfig | None = None) -> LossOutput:
+        """``losses``: this batch's loss settings (an on-policy step's), None: the run's."""
+        return student_loss(self.student, batch, targets, losses or self.losses, self.device, self.autocast, row_totals)
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -373,6 +345,12 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
     else:
         model = build_student(config, teacher.vocab_size, device)
     losses = loss_config(config)
+    onpolicy = build_onpolicy(config, teacher, manifest, device, autocast, dist)
+    onpolicy_losses = onpolicy.settings.loss_config(losses) if onpolicy else None
+
+    def onpolicy_step(step: int) -> bool:
+        return onpolicy is not None and onpolicy.settings.is_onpolicy(step - stage1_steps)
+
     # DDP / FSDP2 wrapper (or the plain step); the optimisers come after it, as FSDP2 replaces the parameters
     trainable = dist.wrap(DistillStep(model, losses, device, autocast), model.decoder.layers)
     detector = SaddleDetector(health_config(config))
@@ -391,12 +369,14 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
         return built, LRController(built, settings, multiplier=detector.multiplier, first_step=stage1_steps)
 
     optimizers, lr_control = stage_optimizers(start_step)
-    tokens_seen = 0
+    tokens_seen, teacher_tokens = 0, 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, optimizers)
         check_resumed_teacher(config, state.get("teacher", {}), teacher)
         dist.shard_loaded_optimizer_state(optimizers)
-        tokens_seen = state["tokens_seen"]
+        tokens_seen, teacher_tokens = state["tokens_seen"], state.get("teacher_tokens", 0)
+        if onpolicy is not None and "onpolicy_rng" in state:
+            onpolicy.load_state_dict(state["onpolicy_rng"][dist.rank])
         sampler.load_state_dict(state["sampler"])  # refuses a checkpoint of another world size by name
         if "rank_samplers" in state:
             sampler.load_state_dict(state["rank_samplers"][dist.rank])
@@ -419,14 +399,20 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
                                   autocast) if start_step < stage1_steps else None)
     evaluator = Evaluator(val_set or train_set, teacher, losses, config, device, autocast)
     # no teacher targets are needed in stage 1: prefetching starts with stage 2
+    # (an on-policy step's rows are prompts only: their targets are not prefetched)
     upcoming = UpcomingBatches(train_set, sampler, config.batch_size, teacher,
-                               0 if transfer is not None else config.prefetch_depth)
+                               0 if transfer is not None else config.prefetch_depth,
+                               first_batch=start_step * config.grad_accum_steps,
+                               wants_targets=lambda n: not onpolicy_step(n // config.grad_accum_steps))
 
-    def trainer_state(sampler_state: dict[str, Any] | None = None) -> dict[str, Any]:
+    def trainer_state(sampler_state: dict[str, Any] | None = None, onpolicy_rng: str | None = None) -> dict[str, Any]:
         sampler_state = sampler_state or upcoming.sampler_state()
         # ranks can cross an epoch boundary at different steps (uneven partitions): keep each rank's position
         per_rank = {"rank_samplers": dist.all_gather_object(sampler_state)} if dist.enabled else {}
-        return {"tokens_seen": tokens_seen, "sampler": sampler_state, **per_rank,
+        if onpolicy is not None:  # each rank's sampler RNG, so that a resumed run writes the same text
+            rng = onpolicy_rng or onpolicy.state_dict()
+            per_rank["onpolicy_rng"] = dist.all_gather_object(rng) if dist.enabled else [rng]
+        return {"tokens_seen": tokens_seen, "teacher_tokens": teacher_tokens, "sampler": sampler_state, **per_rank,
                 "detector": detector.state_dict(),
                 "guard": guard.state_dict(), "lr": lr_control.state_dict(), "config": config_to_dict(config),
                 "teacher": {"name": teacher.name, "tokenizer_sha256": teacher.tokenizer_sha256, "k": teacher.k,
@@ -441,8 +427,15 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
         for step in range(start_step, config.max_steps):
             trainable.train()
             step_started, teacher_seconds, micro_metrics, step_tokens = time.perf_counter(), 0.0, [], 0
+            step_teacher_tokens = 0
             step_start_state, step_rows = upcoming.sampler_state(), []
+            step_start_rng = onpolicy.state_dict() if onpolicy is not None else None
             micro_batches = [upcoming.next() for _ in range(config.grad_accum_steps)]
+            on_policy, rollouts, sample_seconds = transfer is None and onpolicy_step(step), [], 0.0
+            if on_policy:  # the student writes from the rows' prompts; the teacher scores it in the background
+                rollouts = onpolicy.start(model, micro_batches)
+                micro_batches = [rollout.batch for rollout, _ in rollouts]
+                sample_seconds = time.perf_counter() - step_started
             row_totals = step_row_totals(micro_batches, dist) if transfer is None else None
             for micro, batch in enumerate(micro_batches):
                 if transfer is not None:
@@ -455,15 +448,18 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
                     continue
                 teacher_started = time.perf_counter()
                 try:
-                    targets, lost = teacher.targets_for(batch.input_ids, batch.lengths, batch.indices), None
+                    if on_policy:
+                        targets, lost = onpolicy.targets(*rollouts[micro]), None
+                    else:
+                        targets, lost = teacher.targets_for(batch.input_ids, batch.lengths, batch.indices), None
                 except TeacherError as exc:
                     targets, lost = None, exc
                 if dist.any_rank(lost is not None):
                     # No fallback left, a refused request or another teacher (on some rank): keep what
                     # is done (this step starts again on resume) and stop, every rank together.
                     error = str(lost) if lost else "the teacher of another rank failed"
-                    path = dist.save_checkpoint(output_dir, step, model, optimizers, trainer_state(step_start_state),
-                                                config.keep_last)
+                    path = dist.save_checkpoint(output_dir, step, model, optimizers,
+                                                trainer_state(step_start_state, step_start_rng), config.keep_last)
                     kind = "teacher_unavailable" if lost is None or isinstance(lost, TeacherUnavailable) else "teacher_error"
                     telemetry.event(step, kind, {"error": error[:500], "checkpoint": str(path)})
                     if lost is None or isinstance(lost, TeacherUnavailable):
@@ -473,9 +469,10 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
                                      "again (resume=auto)") from lost
                 teacher_seconds += time.perf_counter() - teacher_started
                 step_rows.extend(batch.indices.tolist())
+                step_teacher_tokens += int(batch.lengths.sum())
                 # gradients are averaged across ranks in the backward of the last micro-step only
                 with dist.gradient_sync(trainable, sync=micro == config.grad_accum_steps - 1):
-                    out = trainable(batch, targets, row_totals)
+                    out = trainable(batch, targets, row_totals, onpolicy_losses if on_policy else None)
                     out.loss.backward()  # already this micro-batch's share of the step (step_row_totals)
                 micro_metrics.append(out.metrics("train/"))
                 step_tokens += int(batch.lengths.sum())
@@ -486,7 +483,8 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
             # Every rank decides skip / saddle / stop from the same numbers, or the ranks would diverge.
             metrics = dist.all_reduce_mean({**metrics, "train/grad_norm": grad_norm, "teacher/seconds": teacher_seconds})
             grad_norm, teacher_seconds = metrics["train/grad_norm"], metrics["teacher/seconds"]
-            step_tokens = int(dist.all_reduce_sum({"tokens": step_tokens})["tokens"])
+            summed = dist.all_reduce_sum({"tokens": step_tokens, "teacher_tokens": step_teacher_tokens})
+            step_tokens, step_teacher_tokens = int(summed["tokens"]), int(summed["teacher_tokens"])
             step_rows = dist.all_gather_rows(step_rows)
             # a skipped step still counts: it goes on to the stage switch, evaluation, checkpoint and stop below
             skipped = guard.should_skip(metrics["train/total"], grad_norm, step)
@@ -498,10 +496,12 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
                 for optimizer in optimizers:
                     optimizer.step()
                 tokens_seen += step_tokens
+                teacher_tokens += step_teacher_tokens
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
-            # the plateau detector watches the KD loss only (stage 1's loss is on another scale)
-            event = detector.update(step, metrics["train/total"], grad_norm) if step >= stage1_steps and not skipped else None
+            # the plateau detector watches the off-policy KD loss only (stage 1's and on-policy loss are on other scales)
+            watched = step >= stage1_steps and not skipped and not on_policy
+            event = detector.update(step, metrics["train/total"], grad_norm) if watched else None
             if event is not None:
                 telemetry.event(step + 1, "saddle_intervention", event.to_dict())
 
@@ -511,6 +511,11 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
                             "train/step_seconds": seconds, "teacher/seconds": teacher_seconds,
                             "teacher/share": teacher_seconds / seconds, "train/tokens_seen": tokens_seen,
                             "train/lr_multiplier": detector.multiplier(step), "train/stage": 1 if step < stage1_steps else 2,
+                            "train/onpolicy": float(on_policy), "teacher/tokens": step_teacher_tokens,
+                            "train/teacher_tokens_seen": teacher_tokens,
+                            **({"onpolicy/sample_seconds": sample_seconds,
+                                "onpolicy/written_tokens": sum(rollout.written_tokens for rollout, _ in rollouts)}
+                               if on_policy else {}),
                             **{f"teacher/{key}": value for key, value in getattr(teacher, "stats", {}).items()},
                             **{f"lr/{name}": value for name, value in lrs.items()}})
             if not skipped:
@@ -539,6 +544,8 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
         telemetry.close()
         if hasattr(teacher, "stats"):
             log.info("teacher requests: %s", teacher.stats)
+        if onpolicy is not None:
+            onpolicy.close()
         if owns_teacher:
             teacher.close()
     done = min(config.max_steps, config.stop_at_step or config.max_steps)

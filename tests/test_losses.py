@@ -72,9 +72,13 @@ def reference_loss(
             div = kl
         elif cfg.divergence == "reverse":
             div = (q * (q.log() - p.log().clamp_min(REVERSE_KL_LOGPROB_FLOOR))).sum()
-        else:
+        elif cfg.divergence == "skew":
             mix = cfg.skew_beta * p + (1 - cfg.skew_beta) * q
             div = (p[pos] * (p[pos].log() - mix[pos].log())).sum()
+        else:
+            mix = cfg.jsd_beta * p + (1 - cfg.jsd_beta) * q
+            div = (cfg.jsd_beta * (p[pos] * (p[pos].log() - mix[pos].log())).sum()
+                   + (1 - cfg.jsd_beta) * (q * (q.log() - mix.log())).sum())
         parts["kl"].append(kl)
         parts["div"].append(div)
         parts["floor"].append(torch.relu(h_t - h_s))
@@ -402,6 +406,8 @@ def test_no_grad_evaluation_returns_a_plain_loss() -> None:
         ({"lambda_div": -0.1}, "lambda_div"),
         ({"divergence": "js"}, "divergence"),
         ({"skew_beta": 1.0}, "skew_beta"),
+        ({"jsd_beta": 0.0}, "jsd_beta"),
+        ({"jsd_beta": 1.0}, "jsd_beta"),
         ({"chunk_rows": 0}, "chunk_rows"),
         ({"chunk_rows": 2.5}, "chunk_rows"),
     ],

@@ -157,6 +157,7 @@ class NetworkTeacher:
         self._warned: set[str] = set()
         self.stats = {"requests": 0, "retries": 0, "bytes_received": 0, "latency_s": 0.0}
         self._cannot_score: set[str] = set()
+        self.max_score_ids = 1 << 30  # the fewest ids per position any replica scores (GET /v1/models)
         expected = TeacherIdentity(teacher_model or "", weights_fingerprint or "", tokenizer_sha256, vocab_size)
         self.identity = self._check_services(expected, max_sequence_length, max_request_tokens)
         self.name = f"network:{self.identity.model}@{','.join(self.urls)}"
@@ -221,6 +222,7 @@ class NetworkTeacher:
             self._check_limits(url, info, max_sequence_length, max_request_tokens)
             if not info.get("score_ids"):  # wire v1.1; scores_for refuses while any replica lacks it
                 self._cannot_score.add(url)
+            self.max_score_ids = min(self.max_score_ids, int(info.get("max_score_ids") or 0))
             differences = (identity or expected).differences(served)
             if differences:
                 fix = ("every replica must serve the same teacher" if identity else

@@ -1,0 +1,239 @@
+"""On-policy distillation: the student writes continuations of the batch's prompts, the teacher scores
+them, and the loss is a divergence on the student's own text (README: On-policy distillation).
+
+Off-policy KD trains the student on text the teacher's data holds; at generation time it conditions on
+its own tokens and drifts (exposure bias). On an on-policy step (``onpolicy_fraction`` of the KD steps):
+
+1. **Prompts**: each row's tokens up to its first target token (a chat row: the turns before the first
+   assistant answer, header included); a row that is a target from its first token (plain text): its
+   first half. At most ``max_seq_length - onpolicy_max_new_tokens`` tokens, the last ones kept.
+2. **Sampling** without gradients through the student's batched recurrent state (``prefill`` with
+   one position per row, then ``step``), at ``onpolicy_temperature``, until a stop id or
+   ``onpolicy_max_new_tokens``; the sampler's RNG is saved in every checkpoint.
+3. **Scoring** (wire v1.1): one teacher request per micro-batch gives the teacher's top k (+ tail) at
+   every written position and, via ``score_ids``, its exact log-probs of the student's own top
+   ``onpolicy_student_topk`` ids and of the sampled token. Requests run on a background thread, so
+   micro-batch j is scored while j+1 is sampled and j-1 trains.
+4. **Loss** on the written positions only: the reverse KL (or JSD(beta)) over the union support: each
+   id of (teacher top k) U (student top k) U (sampled token) is its own bucket, and every other id is
+   one rest bucket on each side (the student's by an exact masked logsumexp, the teacher's as one
+   minus the union's mass). This is the divergence of the two distributions coarsened to that
+   partition: exact, and equal to the full one when the rest holds no mass.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from student_trainer.data.batch import Batch
+from student_trainer.losses import LossConfig
+from student_trainer.model import RetNetStudent, sample_next_token
+from student_trainer.targets import PAD_INDEX, PAD_LOGPROB, TeacherScores, TeacherTargets
+from student_trainer.teachers.base import TeacherSource
+
+
+@dataclass
+class OnPolicySettings:
+    """The ``onpolicy_*`` keys of a run (see :class:`student_trainer.config.TrainConfig`)."""
+
+    fraction: float
+    max_new_tokens: int
+    temperature: float
+    student_topk: int
+    divergence: str  # reverse_kl | jsd
+    jsd_beta: float
+    stop_ids: list[int]
+    max_seq_length: int
+
+    @property
+    def scored_ids(self) -> int:
+        """Ids the teacher scores at each written position: the student's top k and the sampled token."""
+        return self.student_topk + 1
+
+    def is_onpolicy(self, kd_step: int) -> bool:
+        """Whether KD step ``kd_step`` (0 = the first after stage 1) is on-policy: spread evenly, e.g.
+        0.25 -> steps 3, 7, 11, ...; deterministic, so a resumed run keeps the schedule."""
+        return kd_step >= 0 and math.floor((kd_step + 1) * self.fraction) > math.floor(kd_step * self.fraction)
+
+    def loss_config(self, base: LossConfig) -> LossConfig:
+        """The off-policy loss's settings with the on-policy divergence and no hard-label CE (the
+        student's own samples are not labels)."""
+        divergence = "reverse" if self.divergence == "reverse_kl" else "jsd"
+        return dataclasses.replace(base, alpha=0.0, divergence=divergence, jsd_beta=self.jsd_beta)
+
+
+@dataclass
+class Rollout:
+    """A micro-batch of the student's text: ``batch`` (prompt + written tokens but the last, which is only
+    a target; ``row_mask`` on the written positions; no labels) and ``score_ids [B, L, m]`` (the
+    student's top k and the sampled token at each written position, 0 elsewhere)."""
+
+    batch: Batch
+    score_ids: torch.Tensor
+    prompt_tokens: int
+    written_tokens: int
+
+
+def prompts_of(batch: Batch, max_prompt_tokens: int) -> list[torch.Tensor]:
+    """Each row's prompt ``[P_i]``: its tokens before the first target token, or (no such prefix) the
+    first half of the row; the last ``max_prompt_tokens`` of it."""
+    prompts = []
+    for row, length in enumerate(batch.lengths.tolist()):
+        supervised = batch.row_mask[row, :length].nonzero()
+        first_target = int(supervised[0, 0]) + 1 if len(supervised) else length
+        end = first_target if first_target > 1 else max(1, length // 2)
+        prompts.append(batch.input_ids[row, max(0, end - max_prompt_tokens):end])
+    return prompts
+
+
+@torch.no_grad()
+def sample_rollout(student: RetNetStudent, batch: Batch, settings: OnPolicySettings, generator: torch.Generator,
+                   vocab_limit: int, device: torch.device, autocast: Any) -> Rollout:
+    """The student's continuations of ``batch``'s prompts, decoded together through one recurrent state.
+
+    ``vocab_limit``: ids the teacher has (a student with a padded head never writes or offers the rest).
+    """
+    prompts = prompts_of(batch, settings.max_seq_length - settings.max_new_tokens)
+    rows, width = len(prompts), max(len(p) for p in prompts)
+    prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+    padded = torch.zeros((rows, width), dtype=torch.int64)
+    for row, prompt in enumerate(prompts):
+        padded[row, :len(prompt)] = prompt
+    k = min(settings.student_topk, vocab_limit)
+    written = torch.zeros((rows, settings.max_new_tokens), dtype=torch.int64, device=device)
+    support = torch.zeros((rows, settings.max_new_tokens, k + 1), dtype=torch.int64, device=device)
+    counts = torch.zeros(rows, dtype=torch.int64, device=device)
+    active = torch.ones(rows, dtype=torch.bool, device=device)
+    stops = torch.tensor(settings.stop_ids, dtype=torch.int64, device=device)
+    was_training = student.training
+    student.eval()
+    try:
+        with autocast:
+            logits, state = student.prefill(padded.to(device), lengths=prompt_lengths.to(device))
+            for i in range(settings.max_new_tokens):
+                logits = logits[:, :vocab_limit].float()
+                token = sample_next_token(logits, settings.temperature, 1.0, generator)
+                support[:, i, :k] = logits.topk(k, dim=-1).indices
+                support[:, i, k] = token
+                written[:, i] = token
+                counts += active
+                active &= ~torch.isin(token, stops)
+                if i + 1 == settings.max_new_tokens or not bool(active.any()):
+                    break
+                logits, state = student.step(token, state)
+    finally:
+        student.train(was_training)
+    return _rollout_batch(batch, prompts, written.cpu(), support.cpu(), counts.cpu())
+
+
+def _rollout_batch(batch: Batch, prompts: list[torch.Tensor], written: torch.Tensor, support: torch.Tensor,
+                   counts: torch.Tensor) -> Rollout:
+    """Prompt + written tokens, right-padded; the last written token is a target only (not an input)."""
+    lengths = torch.tensor([len(p) + int(n) - 1 for p, n in zip(prompts, counts)], dtype=torch.int64)
+    width = int(lengths.max())
+    input_ids = torch.zeros((len(prompts), width), dtype=torch.int64)
+    row_mask = torch.zeros((len(prompts), width), dtype=batch.row_mask.dtype)
+    score_ids = torch.zeros((len(prompts), width, support.size(-1)), dtype=torch.int64)
+    for row, (prompt, n) in enumerate(zip(prompts, counts.tolist())):
+        start = len(prompt)
+        input_ids[row, :start] = prompt
+        input_ids[row, start:start + n - 1] = written[row, :n - 1]
+        row_mask[row, start - 1:start + n - 1] = 1  # row t predicts token t + 1: the written ones
+        score_ids[row, start - 1:start + n - 1] = support[row, :n]
+    labels = torch.full_like(input_ids, -100)
+    rollout = Batch(input_ids, lengths, batch.indices, row_mask, labels)
+    return Rollout(rollout, score_ids, sum(len(p) for p in prompts), int(counts.sum()))
+
+
+def union_targets(scores: TeacherScores, row_mask: torch.Tensor) -> TeacherTargets:
+    """Targets over the union support on the rows of ``row_mask [B, L]``: ``[B, L, k + m]`` (teacher's top
+    k, then the scored ids that are not among them; repeats are padding entries), with the teacher's mass
+    outside the union as the tail. Ids of both sets take the scored, exact float32 log-prob."""
+    targets = scores.targets
+    mask = row_mask.bool()
+    ids_t, lp_t = targets.indices[mask].long(), targets.logprobs[mask].float()  # [N, k]
+    ids_s, lp_s = scores.score_ids[mask].long(), scores.score_logprobs[mask].float()  # [N, m]
+    tail = targets.tail_logprob[mask].double()  # [N]
+    valid_t = lp_t > -math.inf
+    match = (ids_s[:, :, None] == ids_t[:, None, :]) & valid_t[:, None, :]  # [N, m, k]
+    exact = torch.where(match, lp_s[:, :, None], -math.inf).amax(dim=1)  # [N, k]
+    lp_t = torch.where(match.any(dim=1), exact, lp_t)
+    m = ids_s.size(1)
+    earlier = torch.ones(m, m, dtype=torch.bool, device=ids_s.device).tril(diagonal=-1)
+    repeated = ((ids_s[:, :, None] == ids_s[:, None, :]) & earlier).any(dim=-1)  # [N, m]: an earlier twin
+    fresh = ~match.any(dim=-1) & ~repeated
+    lp_new = torch.where(fresh, lp_s, -math.inf)
+    # the teacher's mass outside the union = its tail (outside the top k) minus the fresh scored ids' mass
+    rest = tail.exp() - lp_new.double().exp().sum(dim=-1)  # <= 0: the union holds all of it (to rounding)
+    tail_u = torch.where(rest > 0, rest.clamp_min(1e-300).log(), -math.inf)
+
+    batch_shape = tuple(row_mask.shape)
+    k_all = ids_t.size(1) + m
+    indices = torch.full((*batch_shape, k_all), PAD_INDEX, dtype=torch.int64, device=ids_t.device)
+    logprobs = torch.full((*batch_shape, k_all), PAD_LOGPROB, dtype=torch.float32, device=ids_t.device)
+    tails = torch.full(batch_shape, PAD_LOGPROB, dtype=torch.float32, device=ids_t.device)
+    indices[mask] = torch.cat([ids_t, ids_s], dim=1)
+    logprobs[mask] = torch.cat([lp_t, lp_new], dim=1)
+    tails[mask] = tail_u.float()
+    return TeacherTargets(indices, logprobs, tails, temperature=targets.temperature)
+
+
+class OnPolicy:
+    """Samples the on-policy micro-batches of a step and has the teacher score them in the background.
+
+    Args:
+        settings: the run's on-policy keys.
+        teacher: a source with ``scores_for`` (direct, network, or a fallback chain of those).
+        vocab_limit: the teacher's vocabulary size.
+        device, autocast: where and how the student runs.
+        seed: the sampler's seed (one per rank).
+    """
+
+    def __init__(self, settings: OnPolicySettings, teacher: TeacherSource, vocab_limit: int, device: torch.device,
+                 autocast: Any, seed: int) -> None:
+        limit = getattr(teacher, "max_score_ids", None)
+        if limit is not None and settings.scored_ids > limit:
+            raise ValueError(f"on-policy scoring sends onpolicy_student_topk + 1 = {settings.scored_ids} ids per "
+                             f"position but teacher {teacher.name} scores at most {limit} (TEACHER_MAX_SCORE_IDS); "
+                             "lower onpolicy_student_topk or raise the service's limit")
+        if not hasattr(teacher, "scores_for"):
+            raise ValueError(f"teacher {teacher.name} cannot score the student's text; on-policy steps need a "
+                             "direct or network teacher")
+        self.settings, self.teacher, self.vocab_limit = settings, teacher, vocab_limit
+        self.device, self.autocast = device, autocast
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self._scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onpolicy-scoring")
+
+    def start(self, student: RetNetStudent, micro_batches: list[Batch]) -> list[tuple[Rollout, Future]]:
+        """Sample each micro-batch's continuations and queue its scoring request (in order)."""
+        started = []
+        for batch in micro_batches:
+            rollout = sample_rollout(student, batch, self.settings, self.generator, self.vocab_limit, self.device,
+                                     self.autocast)
+            future = self._scoring.submit(self.teacher.scores_for, rollout.batch.input_ids, rollout.batch.lengths,
+                                          rollout.score_ids)
+            started.append((rollout, future))
+        return started
+
+    @staticmethod
+    def targets(rollout: Rollout, scoring: Future) -> TeacherTargets:
+        """Wait for a rollout's scores (re-raising the teacher's error) -> union-support targets."""
+        return union_targets(scoring.result(), rollout.batch.row_mask)
+
+    def state_dict(self) -> str:
+        """The sampler's RNG state (base64), for the checkpoint."""
+        return base64.b64encode(self.generator.get_state().numpy().tobytes()).decode()
+
+    def load_state_dict(self, state: str) -> None:
+        raw = torch.frombuffer(bytearray(base64.b64decode(state)), dtype=torch.uint8)
+        self.generator.set_state(raw)
+
+    def close(self) -> None:
+        self._scoring.shutdown(wait=False, cancel_futures=True)
