@@ -313,7 +313,8 @@ def evaluate(settings: EvalSettings, progress: Any = None) -> dict[str, Any]:
 
         say("plotting training curves")
         report["curves_png"] = str(plot_training_curves(metrics_file, out_dir / "curves.png",
-                                                        title=f"{checkpoint.run_dir} (step {checkpoint.step})"))
+                                                        title=f"{checkpoint.run_dir} (step {checkpoint.step})",
+                                                        generation=generation))
     report_path = out_dir / "report.json"
     atomic_write(report_path, (json.dumps(report, indent=2, default=_json_default) + "\n").encode())
     report["report_json"] = str(report_path)

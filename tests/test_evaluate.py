@@ -140,6 +140,26 @@ def test_plots_mark_events_and_refuse_files_without_training_steps(tmp_path):
         plot_training_curves(tmp_path / "other.jsonl", tmp_path / "x.png")
 
 
+def test_plots_keep_onpolicy_steps_apart_and_draw_the_generation_panel(tmp_path):
+    from student_trainer.plots import ONPOLICY_KEY, series
+
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [{"step": s, "train/total": 3.0, "train/divergence": 0.5 if s % 2 else 2.0, "train/onpolicy": float(s % 2),
+              "train/grad_norm": 1.0, "lr/adamw": 1e-4, "teacher/share": 0.2} for s in range(1, 11)]
+    metrics.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    records = read_metrics(metrics)
+    assert series(records, ONPOLICY_KEY) == ([1, 3, 5, 7, 9], [0.5] * 5)
+    assert series(records, "train/divergence") == ([2, 4, 6, 8, 10], [2.0] * 5)
+    assert series(records, "train/grad_norm")[0] == list(range(1, 11))  # not a loss part: every step
+    generation = {"student": {"teacher_nll": 2.1, "distinct_2": 0.8, "distinct_3": 0.9, "repetition_4": None},
+                  "teacher": {"teacher_nll": 1.2, "distinct_2": 0.9, "distinct_3": 0.95, "repetition_4": 0.0}}
+    plain = plot_training_curves(metrics, tmp_path / "plain.png")
+    with_generation = plot_training_curves(metrics, tmp_path / "curves.png", generation=generation)
+    from PIL import Image
+
+    assert Image.open(with_generation).size[1] > Image.open(plain).size[1]  # the fifth panel's row
+
+
 @pytest.fixture()
 def chat_tokenizer(tiny_engine):
     tokenizer = tiny_engine.tokenizer
