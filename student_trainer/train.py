@@ -375,9 +375,10 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
             micro_batches = [upcoming.next() for _ in range(config.grad_accum_steps)]
             on_policy, rollouts, sample_seconds = transfer is None and onpolicy_step(step), [], 0.0
             if on_policy:  # the student writes from the rows' prompts; the teacher scores it in the background
+                sampling_started = time.perf_counter()
                 rollouts = onpolicy.start(model, micro_batches)
                 micro_batches = [rollout.batch for rollout, _ in rollouts]
-                sample_seconds = time.perf_counter() - step_started
+                sample_seconds = time.perf_counter() - sampling_started
             row_totals = step_row_totals(micro_batches, dist) if transfer is None else None
             for micro, batch in enumerate(micro_batches):
                 if transfer is not None:

@@ -53,6 +53,12 @@ class FallbackTeacher:
         self.k, self.temperature = first.k, first.temperature
 
     @property
+    def max_score_ids(self) -> int | None:
+        """The fewest ids per position any source of the chain scores (None: no source says)."""
+        limits = [source.max_score_ids for source in self.sources if getattr(source, "max_score_ids", None) is not None]
+        return min(limits) if limits else None
+
+    @property
     def stats(self) -> dict:
         return {**getattr(self.sources[0], "stats", {}), "active_source": self.active, "switches": self.switches}
 
