@@ -2,7 +2,7 @@
 
 Prints JSON lines, then a table; writes every figure to ``--output``. Run:
 
-    .venv/bin/python benchmarks/bench_onpolicy.py [--parts scoring train] [--fractions 0 0.25 0.5]
+    .venv/bin/python benchmarks/bench_onpolicy.py [--parts scoring train rows] [--fractions 0 0.25 0.5]
 
 Part ``scoring``: what ``score_ids`` costs a ``POST /v1/topk``. A teacher service (``--teacher``, the
 embedded SmolLM2-135M-Instruct by default) in its own process; the same request (``--batch`` rows of
@@ -34,12 +34,16 @@ one batch through the recurrent state; training tokens/s; seconds per off-policy
 step (first step of each kind left out) and their ratio; the teacher's share of step time and the
 sampling's share of on-policy step time.
 
+Part ``rows``: the same two step times at ``--rows`` rows per step (4, 8, 16), from a fresh retrofit
+(timing only, no quality figures): decoding one token costs about the same for 4 rows as for 16 (it
+streams every weight once), so the sampling's share falls as rows per step grow.
+
 Check the script on the tiny random Llama of the tests (seconds):
 
     .venv/bin/python -c "import sys, pathlib; sys.path.insert(0, 'tests'); from conftest import build_tiny_llama; \\
         build_tiny_llama(pathlib.Path('/tmp/bench-tiny-llama'))"
     .venv/bin/python benchmarks/bench_onpolicy.py --teacher /tmp/bench-tiny-llama --workdir /tmp/bench-onpolicy \\
-        --stage1-steps 2 --warm-steps 2 --steps 4 --eval-batches 1 --gen-prompts 4 --reps 2
+        --stage1-steps 2 --warm-steps 2 --steps 4 --eval-batches 1 --gen-prompts 4 --reps 2 --rows 2 4 --rows-steps 4
 """
 
 from __future__ import annotations
@@ -243,6 +247,27 @@ def run_training(args: argparse.Namespace, report: dict[str, Any]) -> None:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")  # partial results survive
 
 
+def rows_timing(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """Seconds per off- and on-policy step at each ``--rows`` per step (timing only: a fresh retrofit,
+    no stage 1, ``--rows-steps`` steps at fraction 0.5, alternating; first step of each kind left out)."""
+    data = prepare_dolly(args)
+    teacher = DirectTeacher.load(args.teacher, TOPK, 1.0, device="cpu", dtype="float32", cache_dir=args.model_cache_dir)
+    results = report["rows"] = []
+    for rows in args.rows:
+        output_dir = Path(args.workdir) / f"rows-{rows}"
+        shutil.rmtree(output_dir, ignore_errors=True)
+        config = arm_config(args, data, output_dir, batch_size=rows, attention_transfer_steps=0,
+                            attention_transfer_warmup=0, max_steps=args.rows_steps, onpolicy_fraction=0.5,
+                            resume="never", save_every=10 ** 6)
+        train(config, teacher=teacher)
+        timing = timing_of(metrics_lines(output_dir), 0)
+        results.append({"rows_per_step": rows, **{key: timing[key] for key in (
+            "s_per_offpolicy_step", "s_per_onpolicy_step", "onpolicy_steps_per_s_ratio",
+            "sampling_share_of_onpolicy_step", "written_tokens", "teacher_share")}})
+        emit(bench="onpolicy_rows", **results[-1])
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+
+
 def table(arms: list[dict[str, Any]]) -> str:
     head = (f"{'fraction':>8} {'ppl':>8} {'KL':>7} {'agree':>6} {'gen NLL':>8} {'dist-2':>7} {'rep-4':>6} "
             f"{'teacher tok':>11} {'tok/s':>6} {'s/off':>6} {'s/on':>6} {'teacher%':>8}")
@@ -260,7 +285,7 @@ def table(arms: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["scoring", "train"], choices=["scoring", "train"])
+    parser.add_argument("--parts", nargs="+", default=["scoring", "train", "rows"], choices=["scoring", "train", "rows"])
     parser.add_argument("--teacher", default=EMBEDDED_ALIAS)
     parser.add_argument("--data", default=str(DOLLY))
     parser.add_argument("--workdir", default="runs/bench-onpolicy")
@@ -280,6 +305,8 @@ def main() -> None:
     parser.add_argument("--gen-seeds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=BATCH, help="scoring part: rows per request")
     parser.add_argument("--reps", type=int, default=8, help="scoring part: requests of each kind")
+    parser.add_argument("--rows", type=int, nargs="+", default=[4, 8, 16], help="rows part: rows per step")
+    parser.add_argument("--rows-steps", type=int, default=6, help="rows part: steps per size (half on-policy)")
     args = parser.parse_args()
     if args.fractions[0] != 0.0:
         parser.error("--fractions must start with 0 (the off-policy reference)")
@@ -297,6 +324,8 @@ def main() -> None:
         run_training(args, report)
         print()
         print(table(report["arms"]))
+    if "rows" in args.parts:
+        rows_timing(args, report)
     print(f"results: {args.output}")
 
 

@@ -129,17 +129,24 @@ class _Retention(MultiScaleRetention):
         """
         if isinstance(decay, _Chunks):  # a chunk of a prompt after the state (RetNetStudent.prefill)
             return self._chunks_forward(qr, kr, v, decay, incremental_state)
-        bsz = v.size(0)
-        kv = kr * v.float().view(bsz, self.num_heads, self.head_dim, 1)  # [B, H, dv, dk]
+        bsz, heads, dk = v.size(0), self.num_heads, kr.size(-1)
+        # [B*H, dv, 1] @ [B*H, 1, dk] products: two passes over the state per token (scale the old one,
+        # add the new outer product in place) instead of six elementwise ones; decoding is bound by them
+        values = v.float().view(bsz * heads, self.head_dim, 1)
+        keys = kr.reshape(bsz * heads, 1, dk)
         if "prev_key_value" in incremental_state:
             prev_kv, prev_scale = incremental_state["prev_key_value"], incremental_state["scale"]
             scale = prev_scale * decay + 1
-            kv = (prev_kv * (prev_scale.sqrt() * decay / scale.sqrt())[..., None, None]
-                  + kv / scale.sqrt()[..., None, None])
+            keep = (prev_scale.sqrt() * decay / scale.sqrt()).expand(bsz, heads).reshape(-1, 1, 1)
+            kv = (prev_kv.view(bsz * heads, self.head_dim, dk) * keep).baddbmm_(
+                values / scale.sqrt().expand(bsz, heads).reshape(-1, 1, 1), keys)
         else:
             scale = torch.ones_like(decay)
+            kv = torch.bmm(values, keys)
+        kv = kv.view(bsz, heads, self.head_dim, dk)  # [B, H, dv, dk]
         incremental_state["prev_key_value"], incremental_state["scale"] = kv, scale
-        return torch.sum(qr * kv, dim=3).to(v.dtype)
+        output = torch.bmm(kv.view(bsz * heads, self.head_dim, dk), qr.reshape(bsz * heads, dk, 1))
+        return output.view(bsz, heads, self.head_dim).to(v.dtype)
 
     def chunk_recurrent_forward(self, qr, kr, v, inner_mask):
         return self._chunks_forward(qr, kr, v, inner_mask, {})
