@@ -68,6 +68,7 @@ def _generation_panel(ax: Any, generation: dict[str, dict[str, Any]]) -> None:
             ax.annotate("-" if v is None else f"{v:.3g}", (x, v or 0.0), ha="center", va="bottom", fontsize=8)
     ax.set_xticks([j + width * (len(who) - 1) / 2 for j in range(len(GENERATION_METRICS))], list(GENERATION_METRICS))
     ax.set_title("generation quality (evaluate): teacher NLL per token, distinct-n, repetition")
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
 
 
