@@ -13,7 +13,9 @@ This file imports only torch, transformers and the standard library.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -199,7 +201,7 @@ class RetNetStudentModel(RetNetStudentPreTrainedModel):
         """Rotary ``sin, cos [length, dk]`` for positions ``start ..`` and the per-head log-decays ``[H]``, fp32."""
         config = self.config
         heads, key_dim = config.num_heads, config.hidden_size // config.num_heads
-        with torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else _nothing():
+        with torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext():
             if config.rotary_inv_freq is not None:
                 angle = torch.tensor(config.rotary_inv_freq, dtype=torch.float32, device=device)
             else:
@@ -244,6 +246,17 @@ class RetNetStudentForCausalLM(RetNetStudentPreTrainedModel, GenerationMixin):
         self.model = RetNetStudentModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> "RetNetStudentForCausalLM":
+        """Transformers' loader, after checking that a local export folder has its weights and config."""
+        folder = Path(str(pretrained_model_name_or_path))
+        if folder.is_dir():
+            missing = [name for name in ("config.json", "model.safetensors") if not (folder / name).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{folder} is an incomplete RetNet student export: {', '.join(missing)} missing; "
+                                        f"write it again with `retnet-distill export CHECKPOINT {folder} --force`")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -304,11 +317,3 @@ class RetNetStudentForCausalLM(RetNetStudentPreTrainedModel, GenerationMixin):
         # our cache has its own name: carry it to the next step
         model_kwargs["cache_params"] = outputs.get("cache_params")
         return super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder, num_new_tokens)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
