@@ -90,6 +90,19 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from student_trainer.hf_export.export import ExportError, export
+
+    try:
+        out = export(args.checkpoint, args.out_dir, tokenizer_name=args.tokenizer, force=args.force,
+                     model_cache_dir=args.model_cache_dir)
+    except (ExportError, FileNotFoundError) as exc:
+        print(f"retnet-distill export: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    return 0
+
+
 def _download(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -241,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     gen.add_argument("--model-cache-dir", default=DEFAULT_CACHE_DIR, help="where GGUF tokenizers are converted once")
     gen.set_defaults(handler=_generate)
+
+    exp = commands.add_parser("export", help="write a Hugging Face model folder (trust_remote_code) of a student")
+    exp.add_argument("checkpoint", help="a run folder (latest checkpoint), a checkpoint or a model folder")
+    exp.add_argument("out_dir", help="the folder to write (must not exist or be empty, unless --force)")
+    exp.add_argument("--tokenizer", default=None, help="the teacher's tokenizer (default: the run's teacher_model)")
+    exp.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    exp.add_argument("--model-cache-dir", default=DEFAULT_CACHE_DIR, help="where GGUF tokenizers are converted once")
+    exp.set_defaults(handler=_export)
 
     from student_trainer.data.formats import FORMATS
 

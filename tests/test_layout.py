@@ -38,3 +38,18 @@ def test_trainer_uses_only_the_servers_engine_layer() -> None:
 def test_engine_layer_imports_no_web_framework() -> None:
     code = "import sys, teacher_server.engines.hf; assert 'fastapi' not in sys.modules and 'starlette' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_export_templates_import_only_torch_transformers_and_the_stdlib() -> None:
+    """The code files copied into a Hugging Face export run where neither this project nor TorchScale is."""
+    allowed = {"torch", "transformers", *sys.stdlib_module_names}
+    for name in ("configuration_retnet_student.py", "modeling_retnet_student.py"):
+        tree = ast.parse((ROOT / "student_trainer" / "hf_export" / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                roots = set() if node.level else {(node.module or "").split(".")[0]}
+            else:
+                continue
+            assert roots <= allowed, (name, roots - allowed)
