@@ -7,6 +7,8 @@ The loading checks run in a subprocess (``python -I``, cwd outside the repo, ``s
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +49,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 out, expected = sys.argv[1], json.load(open(sys.argv[2]))
 model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-tokenizer = AutoTokenizer.from_pretrained(out)
+tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
 reference = load_file(sys.argv[3])
 result = {"class": type(model).__name__, "chat_template": tokenizer.chat_template,
           "prompt_ids": tokenizer(expected["prompt"])["input_ids"], "diff": {}}
@@ -168,6 +170,10 @@ def test_a_random_student_loads_without_the_project_and_matches_it(teacher_dir, 
     assert "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights  # tied: stored once
     assert sum(t.numel() for t in weights.values()) == student.num_parameters()
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's owner-only mode
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~umask}
     result = check_in_clean_process(student, out, teacher_dir, tmp_path)
     assert result["class"] == "RetNetStudentForCausalLM"
     assert max(result["diff"].values()) <= 1e-5, result["diff"]
@@ -277,7 +283,7 @@ def test_a_student_of_the_embedded_teacher_exports_and_matches(tmp_path) -> None
     env = {"PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
     code = ("import sys, json, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
-            "t = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+            "t = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
             "ids = torch.tensor([t.apply_chat_template([{'role': 'user', 'content': 'What does pass do?'}], "
             "add_generation_prompt=True, tokenize=True, return_dict=False)])\n"
             "g = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)\n"

@@ -132,7 +132,7 @@ def model_card(resolved: ResolvedCheckpoint, student: RetNetStudent, teacher: st
              "```python",
              "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
              'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER", trust_remote_code=True)',
-             'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")',
+             'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER", trust_remote_code=True)',
              'generate = pipeline("text-generation", model="THIS_FOLDER", trust_remote_code=True)',
              "```", "",
              "No padding mask (RetNet has none): batch prompts of one length, or one at a time.", "",
@@ -191,6 +191,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, tokenizer_name: str | No
         tokenizer.save_pretrained(str(tmp))
         _generation_config(tokenizer).save_pretrained(str(tmp))
         (tmp / "README.md").write_text(model_card(resolved, student, str(name)))
+        _share(tmp)
         for path in [*tmp.iterdir(), tmp]:
             fsync_path(path)
         _replace(tmp, out_dir)
@@ -198,6 +199,16 @@ def export(checkpoint: str | Path, out_dir: str | Path, tokenizer_name: str | No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _share(folder: Path) -> None:
+    """Give ``folder`` and its files the umask's usual modes: ``mkdtemp`` (and safetensors) made them
+    owner-only, which an export meant to be shared or uploaded must not be."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _generation_config(tokenizer: Any) -> Any:
