@@ -32,6 +32,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from student_trainer.evaluate import EvalSettings, EvaluationError, evaluate
+    from student_trainer.hf_export.export import ExportError
+    from student_trainer.lm_eval_tasks import LmEvalError
     from student_trainer.main_job import print_report
 
     settings = EvalSettings(checkpoint=args.checkpoint, data=args.data, teacher=args.teacher, split=args.split,
@@ -39,12 +41,13 @@ def _evaluate(args: argparse.Namespace) -> int:
                             prompts=args.prompt or EvalSettings.__dataclass_fields__["prompts"].default_factory(),
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, output_dir=args.output_dir, model_cache_dir=args.model_cache_dir,
-                            context=args.context, buckets=args.buckets, context_rows=args.context_rows)
+                            context=args.context, buckets=args.buckets, context_rows=args.context_rows,
+                            lm_eval_tasks=args.lm_eval, lm_eval_limit=args.lm_eval_limit)
     console = Console(stderr=True)
     try:
         with console.status("evaluating") as status:
             report = evaluate(settings, progress=status.update)
-    except (EvaluationError, FileNotFoundError) as exc:
+    except (EvaluationError, FileNotFoundError, LmEvalError, ExportError) as exc:
         print(f"retnet-distill evaluate: {exc}", file=sys.stderr)
         return 1
     print_report(console, report)
@@ -55,6 +58,11 @@ def _evaluate(args: argparse.Namespace) -> int:
             shown = ", ".join(f"{key} {'-' if g[key] is None else f'{g[key]:.3f}'}"
                               for key in ("teacher_nll", "distinct_2", "distinct_3", "repetition_4"))
             console.print(f"{who}'s own answers ({int(g['tokens'])} tokens): {shown}")
+    for task, metrics in report.get("lm_eval", {}).get("tasks", {}).items():
+        for metric, row in metrics.items():
+            percent = "-" if row["percent_of_teacher"] is None else f"{row['percent_of_teacher']:.0f}% of teacher"
+            student = "-" if row["student"] is None else f"{row['student']:.3f}"
+            console.print(f"lm-eval {task} {metric}: student {student}, teacher {row['teacher']:.3f} ({percent})")
     if "long_context" in report:
         from student_trainer.long_context import print_long_context
 
@@ -238,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--buckets", type=int, nargs="+", default=None,
                     help="position edges of the --context table (default: 512 2048 8192 32768 ...)")
     ev.add_argument("--context-rows", type=int, default=1, help="long rows of --context tokens to score")
+    ev.add_argument("--lm-eval", nargs="*", default=None, metavar="TASK",
+                    help="also run lm-evaluation-harness on the teacher and the exported student (no TASK: the local "
+                         "retnet_dolly_mc task; standard tasks need hub access); needs the eval extra")
+    ev.add_argument("--lm-eval-limit", type=int, default=None, help="at most N items per lm-eval task")
     ev.set_defaults(handler=_evaluate)
 
     gen = commands.add_parser("generate", help="chat with a student (streams tokens from the recurrent state)")

@@ -66,6 +66,10 @@ class EvalSettings:
     context: int | None = None  # tokens per long row; may exceed the student's training context
     buckets: list[int] | None = None  # inner position edges of the loss table; None: 512, 2048, 8192, ... (x4)
     context_rows: int = 1  # long rows to score (fewer when the split holds fewer)
+    # lm-evaluation-harness (student_trainer/lm_eval_tasks.py) on the teacher and the exported student;
+    # None: not run. [] : the local task. lm_eval_limit: items per task (None: all).
+    lm_eval_tasks: list[str] | None = None
+    lm_eval_limit: int | None = None
 
 
 @dataclass
@@ -307,6 +311,8 @@ def evaluate(settings: EvalSettings, progress: Any = None) -> dict[str, Any]:
     if long_context is not None:
         report["long_context"] = long_context
     out_dir.mkdir(parents=True, exist_ok=True)
+    if settings.lm_eval_tasks is not None:
+        report["lm_eval"] = lm_eval_report(settings, checkpoint, teacher_name, out_dir, say)
     metrics_file = checkpoint.run_dir / "metrics.jsonl" if checkpoint.run_dir else None
     if metrics_file is not None and metrics_file.is_file():
         from student_trainer.plots import plot_training_curves
@@ -319,6 +325,29 @@ def evaluate(settings: EvalSettings, progress: Any = None) -> dict[str, Any]:
     atomic_write(report_path, (json.dumps(report, indent=2, default=_json_default) + "\n").encode())
     report["report_json"] = str(report_path)
     return report
+
+
+def lm_eval_report(settings: EvalSettings, checkpoint: ResolvedCheckpoint, teacher_name: str, out_dir: Path,
+                   say: Any) -> dict[str, Any]:
+    """lm-eval on the teacher's Hugging Face folder and on the student exported to a temporary folder
+    (removed after): ``{task: {metric: {"student", "teacher", "percent_of_teacher"}}}``."""
+    import tempfile
+
+    from student_trainer.hf_export.export import export
+    from student_trainer.lm_eval_tasks import percent_of_teacher, run_lm_eval
+    from teacher_server.engines.model_source import resolve_model
+
+    tasks = settings.lm_eval_tasks or None
+    teacher_dir = resolve_model(teacher_name, settings.model_cache_dir).path
+    with tempfile.TemporaryDirectory(prefix=".lm-eval-", dir=out_dir) as work:
+        say("lm-eval: exporting the student")
+        exported = export(checkpoint.model_dir, Path(work) / "student", tokenizer_name=teacher_name,
+                          model_cache_dir=settings.model_cache_dir)
+        say(f"lm-eval: the teacher on {tasks or 'the local task'}")
+        teacher = run_lm_eval(teacher_dir, Path(work), tasks, settings.lm_eval_limit, device=settings.device)
+        say(f"lm-eval: the student on {tasks or 'the local task'}")
+        student = run_lm_eval(exported, Path(work), tasks, settings.lm_eval_limit, device=settings.device)
+    return {"limit": settings.lm_eval_limit, "tasks": percent_of_teacher(student, teacher)}
 
 
 def _json_default(value: Any) -> Any:
