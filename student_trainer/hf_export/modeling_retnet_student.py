@@ -138,8 +138,10 @@ def retain_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: to
     decay = log_decay.exp()  # [H]
     new_scale = scale * decay + 1
     root = new_scale.sqrt()[:, None, None]
-    new_kv = kv * (scale.sqrt() * decay)[:, None, None] / root + (v.transpose(-1, -2) * k) / root  # [B, H, dv, dk]
-    return torch.sum(q * new_kv, dim=3)[:, :, None], new_kv, new_scale
+    # two passes over the state (scale it, add v k^T in place) and one product for the output: decoding
+    # is bound by these passes, not by the arithmetic
+    new_kv = (kv * ((scale.sqrt() * decay)[:, None, None] / root)).add_(v.transpose(-1, -2) / root @ k)  # [B, H, dv, dk]
+    return q @ new_kv.transpose(-1, -2), new_kv, new_scale  # output [B, H, 1, dv]
 
 
 class RetNetStudentFeedForward(nn.Module):
