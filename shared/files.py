@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -34,6 +36,19 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def replace_folder(tmp: Path, target: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``target`` (a sibling); an existing ``target`` is moved
+    aside first and removed after, so ``target`` is always either the old folder or the new one."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+    os.replace(tmp, target)
+    fsync_path(target.parent)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def is_temp_file(name: str) -> bool:

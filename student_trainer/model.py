@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchscale.architecture.config import RetNetConfig
 
-from shared.files import fsync_path
+from shared.files import fsync_path, replace_folder
 from student_trainer.model_config import PRESET_PARAM_COUNTS, PRESETS, StudentConfig, count_parameters
 from student_trainer.retention import Decoder
 
@@ -308,14 +308,7 @@ class RetNetStudent(nn.Module):
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             for path in (tmp / "config.json", tmp / "model.safetensors", tmp):
                 fsync_path(path)
-            old = None
-            if directory.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-                os.replace(directory, old / directory.name)
-            os.replace(tmp, directory)
-            fsync_path(directory.parent)
-            if old is not None:
-                shutil.rmtree(old)
+            replace_folder(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -19,7 +19,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from shared.files import fsync_path
+from shared.files import fsync_path, replace_folder
 from student_trainer.evaluate import EvaluationError, ResolvedCheckpoint, resolve_checkpoint, stop_ids
 from student_trainer.model import FORMAT_NAME, HEAD_KEY, RetNetStudent
 from student_trainer.tokenizer import DEFAULT_MODEL_CACHE_DIR, load_tokenizer
@@ -194,7 +194,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, tokenizer_name: str | No
         _share(tmp)
         for path in [*tmp.iterdir(), tmp]:
             fsync_path(path)
-        _replace(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -218,15 +218,3 @@ def _generation_config(tokenizer: Any) -> Any:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = stops[0] if len(stops) == 1 else (stops or None)  # EOS and the chat template's end-of-turn token
     return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad)
-
-
-def _replace(tmp: Path, out_dir: Path) -> None:
-    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first and removed after."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-    os.replace(tmp, out_dir)
-    fsync_path(out_dir.parent)
-    if old is not None:
-        shutil.rmtree(old)
