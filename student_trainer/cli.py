@@ -98,6 +98,29 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from student_trainer.serving.settings import ServeSettings, unknown_environment
+
+    problems = unknown_environment()
+    if problems:
+        print("retnet-distill serve: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    overrides = {key: value for key, value in (("checkpoint", args.checkpoint), ("host", args.host), ("port", args.port),
+                                               ("tokenizer", args.tokenizer), ("model_id", args.model_id),
+                                               ("device", args.device)) if value is not None}
+    try:
+        settings = ServeSettings(**overrides)
+    except ValidationError as exc:
+        print(f"retnet-distill serve: bad settings: {exc}", file=sys.stderr)
+        return 2
+    from student_trainer.serving.app import run
+
+    run(settings)
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from student_trainer.hf_export.export import ExportError, export
 
@@ -274,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     exp.add_argument("--model-cache-dir", default=DEFAULT_CACHE_DIR, help="where GGUF tokenizers are converted once")
     exp.set_defaults(handler=_export)
+
+    srv = commands.add_parser("serve", help="serve a student over an OpenAI-compatible HTTP API (continuous batching)")
+    srv.add_argument("checkpoint", help="a run folder, a checkpoint, a model folder or a Hugging Face export folder")
+    srv.add_argument("--host", default=None, help="bind address (default 127.0.0.1; STUDENT_SERVE_HOST)")
+    srv.add_argument("--port", type=int, default=None, help="bind port (default 8001; STUDENT_SERVE_PORT)")
+    srv.add_argument("--tokenizer", default=None, help="the teacher's tokenizer (default: the run's teacher_model)")
+    srv.add_argument("--model-id", default=None, help="the model name clients send (default: the folder's name)")
+    srv.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default cpu)")
+    srv.set_defaults(handler=_serve)
 
     from student_trainer.data.formats import FORMATS
 

@@ -1,0 +1,302 @@
+"""``retnet-distill serve``: a live uvicorn server (in a thread) on a tiny student, driven by the real openai client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from student_trainer.evaluate import stop_ids
+from student_trainer.serving.app import create_app
+from student_trainer.serving.engine import TextStream
+from student_trainer.serving.loading import LoadedModel, load_model
+from student_trainer.serving.settings import ServeSettings
+from tests.conftest import build_tiny_llama, tiny_student
+
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+CHAT = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+MODEL = "tiny-student"
+PROMPTS = ["The list type is", "A dictionary maps", "def f(x):", "Exceptions are raised", "import os", "while True:"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving ``create_app`` in a thread on a free loopback port."""
+
+    def __init__(self, settings: ServeSettings, loaded: LoadedModel) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = create_app(settings, loaded)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+
+    @property
+    def engine(self):
+        return self.app.state.serve.engine
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer
+
+    folder = build_tiny_llama(tmp_path_factory.mktemp("teacher"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = CHAT
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(teacher_dir) -> LoadedModel:
+    from transformers import AutoTokenizer
+
+    return LoadedModel(sharp_student(), AutoTokenizer.from_pretrained(teacher_dir), "checkpoint")
+
+
+def sharp_student():
+    """The tiny student with N(0, 0.3) matrices: its greedy text depends on the prompt (the default init
+    repeats one token), so rows of a batch that were mixed up would show."""
+    student = tiny_student().eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in student.parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.3, generator=generator)
+    return student
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+    live = LiveServer(ServeSettings(model_id=MODEL, max_tokens_limit=4000), loaded)
+    yield live
+    live.close()
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def reference(loaded: LoadedModel, ids: list[int], max_tokens: int) -> tuple[str, int, str]:
+    """``RetNetStudent.generate(greedy=True)``: (text up to a stop id, tokens sampled, finish reason)."""
+    stops, produced, reason = stop_ids(loaded.tokenizer), [], "length"
+    for token in loaded.student.generate(torch.tensor([ids]), max_tokens, greedy=True):
+        if int(token[0]) in stops:
+            return loaded.tokenizer.decode(produced, skip_special_tokens=True), len(produced) + 1, "stop"
+        produced.append(int(token[0]))
+    return loaded.tokenizer.decode(produced, skip_special_tokens=True), len(produced), reason
+
+
+def chat_ids(loaded: LoadedModel, text: str) -> list[int]:
+    rendered = loaded.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                    tokenize=False)
+    return loaded.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def metric(server: LiveServer, name: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_completion_greedy_equals_generate(client, loaded):
+    ids = loaded.tokenizer(PROMPTS[0])["input_ids"]
+    text, tokens, reason = reference(loaded, ids, 16)
+    reply = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=16, temperature=0)
+    assert reply.choices[0].text == text and reply.choices[0].finish_reason == reason
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (
+        len(ids), tokens, len(ids) + tokens)
+    streamed = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=16, temperature=0, stream=True)
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == text and chunks[-1].choices[0].finish_reason == reason
+
+
+def test_chat_greedy_equals_generate_streaming_and_not(client, loaded):
+    text, tokens, reason = reference(loaded, chat_ids(loaded, "What is a list?"), 20)
+    messages = [{"role": "user", "content": "What is a list?"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    assert reply.choices[0].message.content == text and reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason == reason and reply.usage.completion_tokens == tokens
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reason
+    assert chunks[-1].usage.completion_tokens == tokens and not chunks[-1].choices
+
+
+def test_concurrent_clients_each_get_their_solo_output(server, loaded):
+    expected = {p: reference(loaded, loaded.tokenizer(p)["input_ids"], 40)[0] for p in PROMPTS}
+    results: dict[str, str] = {}
+    barrier = threading.Barrier(len(PROMPTS))
+
+    def ask(prompt: str, stream: bool) -> None:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        barrier.wait()
+        if stream:
+            results[prompt] = "".join(c.choices[0].text for c in client.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stream=True))
+        else:
+            results[prompt] = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(p, i % 2 == 0)) for i, p in enumerate(PROMPTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == expected
+    assert len(set(expected.values())) == len(PROMPTS)  # distinct answers: a mix-up of rows would show
+    steps_with_company = metric(server, "student_serve_batch_rows_count") - metric(
+        server, 'student_serve_batch_rows_bucket{le="1.0"}')
+    assert steps_with_company > 0, "no decode step ever held more than one request"
+
+
+def test_sampling_seed_top_p_and_stop_strings(client, loaded):
+    kwargs = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=24, temperature=0.9, top_p=0.8)
+    first = client.completions.create(seed=7, **kwargs).choices[0].text
+    assert client.completions.create(seed=7, **kwargs).choices[0].text == first
+    greedy, _, _ = reference(loaded, loaded.tokenizer(PROMPTS[1])["input_ids"], 24)
+    start = next(i for i in range(4, len(greedy) - 2) if all(c.isascii() and c.isalnum() for c in greedy[i:i + 2]))
+    stop = greedy[start:start + 2]
+    for stream in (False, True):
+        reply = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=24, temperature=0, stop=[stop, "@@@"],
+                                          stream=stream)
+        if stream:
+            chunks = list(reply)
+            text, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            text, reason = reply.choices[0].text, reply.choices[0].finish_reason
+        assert (text, reason) == (greedy[:greedy.index(stop)], "stop")
+
+
+def test_text_stream_holds_back_a_possible_stop_string(loaded):
+    tok = loaded.tokenizer
+    ids = tok("abc def ghi")["input_ids"]
+    stream = TextStream(tok, ["def"])
+    pieces, stopped = [], False
+    for i in ids:
+        piece, stopped = stream.push(i)
+        pieces.append(piece)
+        if stopped:
+            break
+    assert stopped and "".join(pieces) == "abc "
+
+
+def test_disconnected_stream_leaves_the_batch(server, client):
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 3000, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", server.url + "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            got = [next(lines) for _ in range(4)]
+            assert any(line.startswith("data: {") for line in got)
+            other = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=8, temperature=0)
+            assert other.choices[0].finish_reason in ("length", "stop")
+            assert metric(server, "student_serve_active_streams") == 1
+    deadline = time.monotonic() + 20
+    while (server.engine.active or metric(server, "student_serve_active_streams")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server.engine.active and metric(server, "student_serve_active_streams") == 0
+    assert httpx.get(server.url + "/health").status_code == 200 and httpx.get(server.url + "/ready").status_code == 200
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0).usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("body, status, param, words", [
+    (b'{"model": "tiny-student", "prompt": ', 400, None, "not valid JSON"),
+    (b'[1, 2]', 400, None, "JSON object"),
+    ({"model": "gpt-9", "prompt": "hi"}, 404, "model", "gpt-9"),
+    ({"model": MODEL, "prompt": "hi", "n": 2}, 400, "n", "n must be 1"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 4001}, 400, "max_tokens", "4000"),
+    ({"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature", "temperature"),
+    ({"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p", "top_p"),
+    ({"prompt": "hi"}, 400, "model", "model"),
+    ({"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt", "list of 2"),
+])
+def test_bad_completion_requests_get_openai_errors(server, body, status, param, words):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(server.url + "/v1/completions", content=content, headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param and words in error["message"]
+
+
+def test_bad_chat_requests_and_unknown_routes(server, client):
+    with pytest.raises(openai.NotFoundError, match="gpt-9"):
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=3)
+    response = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": []})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+    response = httpx.get(server.url + "/v1/nothing")
+    assert response.status_code == 404 and "error" in response.json()
+    assert [m.id for m in client.models.list()] == [MODEL]
+    text = httpx.get(server.url + "/metrics").text
+    assert 'student_serve_requests_total{route="/v1/chat/completions",status="404"}' in text
+
+
+def test_api_key(loaded):
+    live = LiveServer(ServeSettings(model_id=MODEL, api_key="s3cret"), loaded)
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            response = httpx.get(live.url + "/v1/models", headers=headers)
+            assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(live.url + "/health").status_code == 200  # probes need no key
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=live.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=live.url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model=MODEL, prompt="hi", max_tokens=3, temperature=0).usage.completion_tokens >= 1
+    finally:
+        live.close()
+
+
+def test_loads_a_checkpoint_and_an_export_folder(tmp_path, teacher_dir):
+    from student_trainer.hf_export.export import export
+    from student_trainer.serving.loading import LoadError
+
+    student = tiny_student().eval()
+    step = tmp_path / "run" / "checkpoints" / "step-00000010"
+    student.save(step / "model")
+    for name in ("optimizer.pt", "rng.pt"):
+        (step / name).write_bytes(b"")
+    (step / "trainer_state.json").write_text(json.dumps({"step": 10, "config": {"teacher_model": str(teacher_dir)}}))
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = student(ids)
+        for path in (tmp_path / "run", step):
+            got = load_model(str(path))
+            assert got.source == "checkpoint" and torch.equal(got.student(ids), want)
+        out = export(tmp_path / "run", tmp_path / "export")
+        got = load_model(str(out))
+        assert got.source == "export" and got.tokenizer.chat_template == CHAT
+        assert torch.allclose(got.student(ids), want, atol=1e-6)
+    assert ServeSettings(checkpoint=str(step)).served_model_id == "run-step-00000010"
+    assert ServeSettings(checkpoint=str(out)).served_model_id == "export"
+    with pytest.raises(LoadError, match="records no teacher"):
+        load_model(str(step / "model"))
+    with pytest.raises(LoadError, match="not a folder"):
+        load_model(str(tmp_path / "missing"))
