@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -11,6 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from student_trainer.evaluate import stop_ids
 from student_trainer.serving.app import create_app
@@ -300,3 +303,119 @@ def test_loads_a_checkpoint_and_an_export_folder(tmp_path, teacher_dir):
         load_model(str(step / "model"))
     with pytest.raises(LoadError, match="not a folder"):
         load_model(str(tmp_path / "missing"))
+
+
+def greedy_ids(loaded: LoadedModel, ids: list[int], max_tokens: int) -> list[int]:
+    """The tokens ``RetNetStudent.generate(greedy=True)`` samples, up to (not including) a stop id."""
+    stops, produced = stop_ids(loaded.tokenizer), []
+    for token in loaded.student.generate(torch.tensor([ids]), max_tokens, greedy=True):
+        if int(token[0]) in stops:
+            break
+        produced.append(int(token[0]))
+    return produced
+
+
+def test_chunked_prefill_keeps_running_streams_decoding(loaded):
+    """A long prompt arriving while a stream decodes is consumed 8 tokens per decode step: the running
+    stream gets a token at every step of that prefill, and both answers equal their solo greedy ones."""
+    from student_trainer.serving.engine import Engine, SamplingParams
+
+    engine = Engine(loaded.student, loaded.tokenizer, prefill_tokens=8)  # driven by hand: no thread
+    engine.stop_ids = set()  # the running stream must not end at a stop id while the long prompt goes in
+    loop = asyncio.new_event_loop()
+
+    async def submit(ids: list[int], max_tokens: int):
+        return engine.submit(ids, SamplingParams(max_tokens=max_tokens, temperature=0))
+
+    short = loaded.tokenizer(PROMPTS[2])["input_ids"]
+    long = (loaded.tokenizer(" ".join(PROMPTS * 12))["input_ids"])[:203]
+    running = loop.run_until_complete(submit(short, 400))
+    while running not in engine.active:
+        engine.iterate()
+    late = loop.run_until_complete(submit(long, 30))
+    tokens_before, turns = running.completion_tokens, 0
+    while late not in engine.active:
+        engine.iterate()
+        turns += 1
+    assert turns >= len(long) // 8  # the prompt went in chunks of <= 8 tokens ...
+    assert running.completion_tokens - tokens_before >= turns - 1  # ... with a decode step between chunks
+    while engine.active:
+        engine.iterate()
+    loop.close()
+    for generation, ids, n in ((late, long, 30), (running, short, 400)):
+        produced = [int(t[0]) for t in loaded.student.generate(torch.tensor([ids]), n, greedy=True)]
+        assert generation.finished and generation.stream.ids == produced
+
+
+def test_prompts_of_different_lengths_arriving_together(loaded):
+    """One prefill group of ragged prompts: rows leave it as their prompts end, each answer its solo one."""
+    from student_trainer.serving.engine import Engine, SamplingParams
+
+    engine = Engine(loaded.student, loaded.tokenizer, prefill_tokens=5)
+    loop = asyncio.new_event_loop()
+    prompts = [loaded.tokenizer(" ".join(PROMPTS[:n]))["input_ids"] for n in (1, 6, 3, 6)]
+
+    async def submit_all():
+        return [engine.submit(ids, SamplingParams(max_tokens=12, temperature=0)) for ids in prompts]
+
+    generations = loop.run_until_complete(submit_all())
+    engine.iterate()
+    assert len(engine.prefilling) == 1 and len(engine.prefilling[0].generations) + len(engine.active) == 4
+    for _ in range(500):
+        if all(g.finished for g in generations):
+            break
+        engine.iterate()
+    loop.close()
+    for ids, generation in zip(prompts, generations):
+        want = greedy_ids(loaded, ids, 12)
+        assert generation.finished and generation.stream.ids == want[:len(generation.stream.ids)]
+        assert len(generation.stream.ids) == len(want)
+
+
+def test_full_queue_answers_429_and_the_server_keeps_serving(loaded):
+    live = LiveServer(ServeSettings(model_id=MODEL, max_batch_size=1, max_waiting_requests=1, max_tokens_limit=4000),
+                      loaded)
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 3000, "temperature": 0, "stream": True}
+    try:
+        with httpx.Client(timeout=60) as http, http.stream("POST", live.url + "/v1/completions", json=body) as first:
+            lines = first.iter_lines()
+            assert any(next(lines).startswith("data: {") for _ in range(3))  # decoding: it holds the only row
+            waiting: dict[str, str] = {}
+
+            def second() -> None:
+                waiting["text"] = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0).completions.create(
+                    model=MODEL, prompt=PROMPTS[1], max_tokens=4, temperature=0).choices[0].text
+
+            thread = threading.Thread(target=second)
+            thread.start()
+            deadline = time.monotonic() + 20
+            while live.engine.waiting < 1:
+                assert time.monotonic() < deadline, "the second request never queued"
+                time.sleep(0.02)
+            third = httpx.post(live.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 4})
+            assert third.status_code == 429 and third.headers["retry-after"] == "1"
+            assert third.json()["error"]["code"] == "rate_limit_exceeded" and "waiting" in third.json()["error"]["message"]
+        thread.join(60)  # the first stream closed: its row is free for the queued one
+        assert waiting["text"] == reference(loaded, loaded.tokenizer(PROMPTS[1])["input_ids"], 4)[0]
+        assert httpx.get(live.url + "/health").status_code == 200
+    finally:
+        live.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids=st.lists(st.integers(3, 299), max_size=60), stop=st.sampled_from([[], ["e"], ["the", " a"], ["\n\n"]]))
+def test_text_stream_equals_one_decode_of_all_ids(loaded, ids, stop):
+    """Incremental detokenization (a short window per token) gives the text of one decode of all ids,
+    cut before the first stop string."""
+    full = loaded.tokenizer.decode(ids, skip_special_tokens=True)
+    cuts = [i for i in (full.find(s) for s in stop) if i >= 0]
+    stream, pieces, stopped = TextStream(loaded.tokenizer, stop), [], False
+    for token in ids:
+        piece, stopped = stream.push(token)
+        pieces.append(piece)
+        if stopped:
+            break
+    if not stopped:
+        pieces.append(stream.flush())
+    assert "".join(pieces) == (full[:min(cuts)] if cuts else full)
+    assert stopped == bool(cuts)

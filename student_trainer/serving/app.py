@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from student_trainer.serving.engine import Engine, Event, Generation, SamplingParams
+from student_trainer.serving.engine import Engine, EngineFull, Event, Generation, SamplingParams
 from student_trainer.serving.loading import LoadedModel, load_model
 from student_trainer.serving.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, chunk_body,
                                               completion_body, error_body, new_id, parse, usage)
@@ -44,6 +44,8 @@ class Metrics:
         self.active_streams = Gauge("student_serve_active_streams", "streaming responses open", registry=self.registry)
         self.active_requests = Gauge("student_serve_active_requests", "requests decoding (rows of the batch)",
                                      registry=self.registry)
+        self.waiting_requests = Gauge("student_serve_waiting_requests", "requests queued or prefilling",
+                                      registry=self.registry)
         self.batch_size = Gauge("student_serve_batch_size", "rows of the last decode step", registry=self.registry)
         self.batch_rows = Histogram("student_serve_batch_rows", "rows per decode step", registry=self.registry,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
@@ -88,8 +90,11 @@ class ServerState:
         self.load_error: str | None = None
 
     def serve(self, loaded: LoadedModel) -> None:
-        engine = Engine(loaded.student, loaded.tokenizer, self.settings.max_batch_size, self.metrics.on_step)
+        s = self.settings
+        engine = Engine(loaded.student, loaded.tokenizer, s.max_batch_size, s.prefill_tokens, s.max_waiting_requests,
+                        self.metrics.on_step)
         self.metrics.active_requests.set_function(lambda: len(engine.active))
+        self.metrics.waiting_requests.set_function(lambda: engine.waiting)
         engine.start()
         self.loaded, self.engine = loaded, engine
 
@@ -128,7 +133,7 @@ def create_app(settings: ServeSettings, loaded: LoadedModel | None = None) -> Fa
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -194,7 +199,11 @@ def create_app(settings: ServeSettings, loaded: LoadedModel | None = None) -> Fa
 
     async def answer(request: Request, kind: Literal["chat", "text"], ids: list[int], params: SamplingParams,
                      include_usage: bool, stream: bool) -> Response:
-        generation = engine().submit(ids, params)
+        try:
+            generation = engine().submit(ids, params)
+        except EngineFull as exc:
+            raise ApiError(429, f"the server is busy: {exc}; retry later or raise STUDENT_SERVE_MAX_WAITING_REQUESTS",
+                           error_type="server_error", code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
         state.metrics.prompt_tokens.inc(len(ids))
         request_id = new_id(kind)
         if stream:

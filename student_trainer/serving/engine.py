@@ -2,8 +2,8 @@
 
 Each request holds only its row of the batch's :class:`RecurrentState` (per layer ``prev_key_value
 [B, H, dv, dk]`` and ``scale [B, H]``, and ``position [B]``: a fixed size whatever the context). A new
-request is prefilled (prompts that arrive together in one ragged prefill) and its rows JOIN the batch by
-concatenation; a finished or cancelled request's row LEAVES by row selection. Every step is one
+request is prefilled in chunks between decode steps (prompts that arrive together are consumed together)
+and its rows JOIN the batch by concatenation; a finished or cancelled request's row LEAVES by row selection. Every step is one
 ``RetNetStudent.step`` over all active rows, then each row is sampled with its own settings (greedy, or
 temperature + top-p with its own ``torch.Generator``). Text goes to each request's asyncio queue, so a
 slow reader never holds up the loop, and a client that goes away cancels its request (its row leaves at
@@ -53,24 +53,41 @@ class Event:
 
 class TextStream:
     """Incremental detokenization: new text per token, held back while it could be the start of a stop string
-    (or a multi-byte character), and cut where a stop string begins."""
+    (or a multi-byte character), and cut where a stop string begins.
+
+    Each token decodes only a short window of ids (from ``prefix_offset``), not the whole answer: the new
+    text is the window's decode minus the decode of its already-read part, so tokenizers that drop a
+    leading space at the start of a decode give the same text as one decode of all ids (O(1) per token).
+    """
 
     def __init__(self, tokenizer: Any, stop: list[str]) -> None:
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.longest_stop = max((len(s) for s in self.stop), default=0)
         self.ids: list[int] = []
-        self.sent = 0  # characters of the decoded text already handed out
+        self.text = ""  # everything decoded so far
+        self.sent = 0  # characters of ``text`` already handed out
+        self.prefix_offset = 0  # ids[prefix_offset:read_offset] were decoded into text already
+        self.read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token: ``(new text, whether a stop string was reached)``."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+        read = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        window = self._decode(self.ids[self.prefix_offset:])
+        if len(window) <= len(read) or window.endswith("\ufffd"):  # nothing new, or half a multi-byte character
             return "", False
-        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        searched_from = max(0, len(self.text) - self.longest_stop + 1)
+        self.text += window[len(read):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        cuts = [i for i in (self.text.find(s, searched_from) for s in self.stop) if i >= 0]
         if cuts:
             cut = min(cuts)
-            delta, self.sent = text[self.sent:cut], max(self.sent, cut)
+            delta, self.sent = self.text[self.sent:cut], max(self.sent, cut)
             return delta, True
+        text = self.text
         hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         safe = len(text) - hold
         delta = text[self.sent:safe] if safe > self.sent else ""
@@ -79,8 +96,12 @@ class TextStream:
 
     def flush(self) -> str:
         """The text held back so far (at the end of a request that met no stop string)."""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        delta, self.sent = text[self.sent:], len(text)
+        tail = self._decode(self.ids[self.prefix_offset:])
+        read = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        if len(tail) > len(read):
+            self.text += tail[len(read):]
+            self.prefix_offset = self.read_offset = len(self.ids)
+        delta, self.sent = self.text[self.sent:], len(self.text)
         return delta
 
 
@@ -139,6 +160,13 @@ def concat_states(a: RecurrentState | None, b: RecurrentState) -> RecurrentState
     return RecurrentState(torch.cat([a.position, b.position]), layers)
 
 
+def select_rows_shared(state: RecurrentState, rows: torch.Tensor) -> RecurrentState:
+    """The rows ``rows [K]`` of a prefill state whose rows share one int position and ``scale [H]``."""
+    layers = [{"prev_key_value": layer["prev_key_value"].index_select(0, rows), "scale": layer["scale"]}
+              for layer in state.layers]
+    return RecurrentState(state.position, layers)
+
+
 def select_rows(state: RecurrentState, rows: torch.Tensor) -> RecurrentState:
     """The rows ``rows [K]`` (int64 indices) of a batched state."""
     layers = [{"prev_key_value": layer["prev_key_value"].index_select(0, rows), "scale": layer["scale"].index_select(0, rows)}
@@ -146,23 +174,62 @@ def select_rows(state: RecurrentState, rows: torch.Tensor) -> RecurrentState:
     return RecurrentState(state.position.index_select(0, rows), layers)
 
 
+class EngineFull(Exception):
+    """More requests wait than the engine's ``max_waiting`` (answered 429: retry later)."""
+
+
+@dataclass
+class PrefillGroup:
+    """Requests whose prompts are consumed together, at the same offset: ``state`` holds their rows
+    (one shared int position) after ``consumed`` prompt tokens each (None before the first chunk)."""
+
+    generations: list[Generation]
+    consumed: int = 0
+    state: RecurrentState | None = None
+
+    def remaining(self) -> list[int]:
+        return [len(g.prompt_ids) - self.consumed for g in self.generations]
+
+
+def per_row_state(state: RecurrentState) -> RecurrentState:
+    """A prefill state of B rows at one int position -> the per-row form the decode batch holds
+    (``position [B]``, ``scale [B, H]``)."""
+    rows = state.layers[0]["prev_key_value"].size(0)
+    layers = [{"prev_key_value": layer["prev_key_value"], "scale": layer["scale"].reshape(1, -1).expand(rows, -1).clone()}
+              for layer in state.layers]
+    return RecurrentState(torch.full((rows,), int(state.position), dtype=torch.int64,
+                                     device=layers[0]["prev_key_value"].device), layers)
+
+
 class Engine:
     """The decode loop. ``submit`` from the event loop; ``start``/``close`` own the thread.
+
+    Every iteration runs one decode step over the active rows and then at most ``prefill_tokens`` prompt
+    tokens of the requests still prefilling (chunked prefill: a long prompt never pauses the running
+    streams for longer than one budget's worth of prefill). Requests that arrive together are prefilled
+    together, at the same offset, so they start decoding together. With no stream decoding, prompts are
+    consumed at full speed (whole chunks of the student's ``recurrent_chunk_size``).
 
     Args:
         student: the model (eval mode).
         tokenizer: its tokenizer (decoding, stop ids).
-        max_batch_size: most rows decoding together; more requests wait in arrival order.
+        max_batch_size: most rows decoding or prefilling together; more requests wait in arrival order.
+        prefill_tokens: prompt tokens consumed per decode step while streams are decoding.
+        max_waiting: most requests waiting for a row; beyond it ``submit`` raises :class:`EngineFull`.
         on_step: called after every sampling pass with the number of rows sampled (metrics).
     """
 
-    def __init__(self, student: RetNetStudent, tokenizer: Any, max_batch_size: int = 64,
-                 on_step: Callable[[int], None] = lambda rows: None) -> None:
+    def __init__(self, student: RetNetStudent, tokenizer: Any, max_batch_size: int = 64, prefill_tokens: int = 512,
+                 max_waiting: int = 256, on_step: Callable[[int], None] = lambda rows: None) -> None:
         self.student, self.tokenizer, self.max_batch_size, self.on_step = student.eval(), tokenizer, max_batch_size, on_step
+        self.prefill_tokens, self.max_waiting = prefill_tokens, max_waiting
         self.device = next(student.parameters()).device
         self.stop_ids = stop_ids(tokenizer)
         self.vocab = len(tokenizer)  # ids at or beyond it (LM-head padding) cannot be decoded: never sampled
         self.active: list[Generation] = []
+        self.prefilling: list[PrefillGroup] = []
+        self._state: RecurrentState | None = None  # the active rows' batched state
+        self._logits: torch.Tensor | None = None  # [B, V] next-token logits of the active rows
         self.steps = 0
         self._pending: queue.Queue[Generation] = queue.Queue()
         self._ids = itertools.count(1)
@@ -181,8 +248,16 @@ class Engine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def waiting(self) -> int:
+        """Requests not yet decoding: queued, or prefilling."""
+        return self._pending.qsize() + sum(len(group.generations) for group in self.prefilling)
+
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
-        """Queue a request (call from the event loop that will read its events)."""
+        """Queue a request (call from the event loop that will read its events); :class:`EngineFull` when
+        ``max_waiting`` requests wait already."""
+        if self._pending.qsize() >= self.max_waiting:
+            raise EngineFull(f"{self._pending.qsize()} requests are waiting for a row (the limit is {self.max_waiting})")
         generation = Generation(next(self._ids), prompt_ids, params, self.tokenizer, self.device,
                                 asyncio.get_running_loop())
         self._pending.put(generation)
@@ -191,49 +266,56 @@ class Engine:
     # ----- the decode thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
-        state: RecurrentState | None = None
-        logits: torch.Tensor | None = None  # [B, V] next-token logits of the active rows
         with torch.no_grad():
             while not self._closing.is_set():
-                new = self._admit(block=not self.active)
-                if new:
-                    try:
-                        new_logits, new_state = self._prefill(new)
-                    except Exception as exc:  # noqa: BLE001 - a bad prompt fails its requests, not the server
-                        log.exception("prefill failed")
-                        for generation in new:
-                            generation.emit(Event("", "error", error=f"prefill failed: {exc}"))
-                    else:
-                        self.active += new
-                        state = concat_states(state, new_state)
-                        logits = new_logits if logits is None else torch.cat([logits, new_logits])
-                if not self.active:
-                    state = logits = None
-                    continue
-                assert state is not None and logits is not None
-                try:
-                    tokens = self._sample(logits)
-                    keep = self._deliver(tokens)
-                    self.on_step(len(tokens))
-                    if len(keep) < len(self.active):
-                        rows = torch.tensor(keep, dtype=torch.int64, device=self.device)
-                        self.active = [self.active[i] for i in keep]
-                        state, logits, tokens = select_rows(state, rows), logits[rows], tokens[rows]
-                    if self.active:
-                        logits, state = self.student.step(tokens, state)
-                        self.steps += 1
-                except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
-                    log.exception("decode step failed")
-                    for generation in self.active:
-                        generation.emit(Event("", "error", error=f"decode step failed: {exc}"))
-                    self.active, state, logits = [], None, None
-            for generation in self.active:
-                generation.emit(Event("", "error", error="the server is shutting down"))
+                self.iterate(block=True)
+        for generation in self.active + [g for group in self.prefilling for g in group.generations]:
+            generation.emit(Event("", "error", error="the server is shutting down"))
+
+    @torch.no_grad()
+    def iterate(self, block: bool = False) -> None:
+        """One turn of the loop (the decode thread calls it; tests may drive a not-started engine with it):
+        admit waiting requests, one decode step of the active rows, then one budget of prefill.
+        ``block``: with nothing to do, wait up to 0.1 s for a request."""
+        new = self._admit(block=block and not self.active and not self.prefilling)
+        if new:
+            self.prefilling.append(PrefillGroup(new))
+        if self.active:
+            assert self._state is not None and self._logits is not None
+            try:
+                self._logits, self._state = self._decode(self._logits, self._state)
+            except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+                log.exception("decode step failed")
+                for generation in self.active:
+                    generation.emit(Event("", "error", error=f"decode step failed: {exc}"))
+                self.active, self._state, self._logits = [], None, None
+        for ready, ready_logits, ready_state in self._prefill_some():
+            self.active += ready
+            self._state = concat_states(self._state, ready_state)
+            self._logits = ready_logits if self._logits is None else torch.cat([self._logits, ready_logits])
+        if not self.active:
+            self._state = self._logits = None
+
+    def _decode(self, logits: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor | None, RecurrentState | None]:
+        """Sample every active row, hand out the tokens, drop finished rows, step the rest."""
+        tokens = self._sample(logits)
+        keep = self._deliver(tokens)
+        self.on_step(len(tokens))
+        if len(keep) < len(self.active):
+            rows = torch.tensor(keep, dtype=torch.int64, device=self.device)
+            self.active = [self.active[i] for i in keep]
+            state, logits, tokens = select_rows(state, rows), logits[rows], tokens[rows]
+        if not self.active:
+            return None, None
+        logits, state = self.student.step(tokens, state)
+        self.steps += 1
+        return logits, state
 
     def _admit(self, block: bool) -> list[Generation]:
-        """Pending requests that fit in the batch (waiting up to 0.1 s for one when the batch is empty)."""
+        """Pending requests that fit in the batch (waiting up to 0.1 s for one when nothing runs)."""
         new: list[Generation] = []
-        while len(self.active) + len(new) < self.max_batch_size:
+        taken = len(self.active) + sum(len(group.generations) for group in self.prefilling)
+        while taken + len(new) < self.max_batch_size:
             try:
                 generation = self._pending.get(timeout=0.1) if block and not new else self._pending.get_nowait()
             except queue.Empty:
@@ -242,13 +324,67 @@ class Engine:
                 new.append(generation)
         return new
 
-    def _prefill(self, new: list[Generation]) -> tuple[torch.Tensor, RecurrentState]:
-        """One ragged prefill of the new prompts: logits ``[N, V]`` and a state of N rows (per-row positions)."""
-        lengths = torch.tensor([len(g.prompt_ids) for g in new], dtype=torch.int64)
-        ids = torch.zeros((len(new), int(lengths.max())), dtype=torch.int64)
-        for row, generation in enumerate(new):
-            ids[row, :len(generation.prompt_ids)] = torch.tensor(generation.prompt_ids)
-        return self.student.prefill(ids.to(self.device), lengths=lengths.to(self.device))
+    def _prefill_some(self) -> list[tuple[list[Generation], torch.Tensor, RecurrentState]]:
+        """Consume up to one budget of prompt tokens, oldest group first: the requests whose prompts are
+        done, with their next-token logits ``[N, V]`` and their rows' state (per-row form)."""
+        done: list[tuple[list[Generation], torch.Tensor, RecurrentState]] = []
+        budget = self.prefill_tokens if self.active else None  # nobody waits for a token: full speed
+        for group in list(self.prefilling):
+            if budget is not None and budget <= 0:
+                break
+            self._drop_cancelled(group)
+            if not group.generations:
+                self.prefilling.remove(group)
+                continue
+            try:
+                finished = self._prefill_chunk(group, budget)
+            except Exception as exc:  # noqa: BLE001 - a bad prompt fails its requests, not the server
+                log.exception("prefill failed")
+                for generation in group.generations:
+                    generation.emit(Event("", "error", error=f"prefill failed: {exc}"))
+                self.prefilling.remove(group)
+                continue
+            if budget is not None:
+                budget -= finished[3]
+            if finished[0]:
+                done.append(finished[:3])
+            if not group.generations:
+                self.prefilling.remove(group)
+        return done
+
+    def _prefill_chunk(self, group: PrefillGroup, budget: int | None
+                       ) -> tuple[list[Generation], torch.Tensor, RecurrentState, int]:
+        """Advance ``group`` by one chunk (all its rows the same number of tokens, at most the shortest
+        remaining prompt): the rows whose prompts ended, their logits and per-row state, tokens consumed."""
+        rows = len(group.generations)
+        chunk = min(group.remaining())
+        chunk = min(chunk, self.student.config.recurrent_chunk_size)
+        if budget is not None:
+            chunk = min(chunk, max(1, budget // rows))
+        ids = torch.tensor([g.prompt_ids[group.consumed:group.consumed + chunk] for g in group.generations],
+                           dtype=torch.int64, device=self.device)
+        chunk_logits, group.state = self.student.prefill(ids, state=group.state, chunk_size=chunk)
+        group.consumed += chunk
+        ended = [i for i, left in enumerate(group.remaining()) if left == 0]
+        if not ended:
+            return [], chunk_logits[:0], group.state, rows * chunk
+        ended_rows = torch.tensor(ended, dtype=torch.int64, device=self.device)
+        ready = [group.generations[i] for i in ended]
+        ready_state = per_row_state(select_rows_shared(group.state, ended_rows))
+        going = [i for i in range(rows) if i not in set(ended)]
+        if going:
+            group.state = select_rows_shared(group.state, torch.tensor(going, dtype=torch.int64, device=self.device))
+        group.generations = [group.generations[i] for i in going]
+        return ready, chunk_logits[ended_rows], ready_state, rows * chunk
+
+    def _drop_cancelled(self, group: PrefillGroup) -> None:
+        """Requests cancelled while prefilling leave their group (and its state rows)."""
+        keep = [i for i, g in enumerate(group.generations) if not g.cancelled]
+        if len(keep) == len(group.generations):
+            return
+        if group.state is not None and keep:
+            group.state = select_rows_shared(group.state, torch.tensor(keep, dtype=torch.int64, device=self.device))
+        group.generations = [group.generations[i] for i in keep]
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         """The next token of every active row ``[B]``: argmax where temperature is 0, else its own sample."""
@@ -285,8 +421,8 @@ class Engine:
 
 
 def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:
-    """Whether the engine has no active rows within ``timeout`` seconds (tests, shutdown)."""
+    """Whether the engine has no active or prefilling rows within ``timeout`` seconds (tests, shutdown)."""
     deadline = time.monotonic() + timeout
-    while engine.active and time.monotonic() < deadline:
+    while (engine.active or engine.prefilling) and time.monotonic() < deadline:
         time.sleep(0.02)
-    return not engine.active
+    return not (engine.active or engine.prefilling)

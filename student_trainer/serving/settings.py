@@ -32,6 +32,9 @@ class ServeSettings(BaseSettings):
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for (more: 400)")
     max_prompt_tokens: int = Field(32768, ge=1, description="longer prompts: 400")
     max_batch_size: int = Field(64, ge=1, description="most requests decoding together; later ones wait for a free row")
+    prefill_tokens: int = Field(512, ge=1, description="prompt tokens prefilled per decode step while streams decode "
+                                "(chunked prefill: bounds how long a new long prompt delays the running streams)")
+    max_waiting_requests: int = Field(256, ge=1, description="requests queued for a free row; more: 429")
     api_key: SecretStr | None = Field(None, description="if set, /v1/* needs 'Authorization: Bearer <key>'")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
