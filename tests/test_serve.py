@@ -239,6 +239,7 @@ def test_disconnected_stream_leaves_the_batch(server, client):
     ({"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p", "top_p"),
     ({"prompt": "hi"}, 400, "model", "model"),
     ({"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt", "list of 2"),
+    ({"model": MODEL, "prompt": [5, 320, -1]}, 400, "prompt", "[0, 320)"),
 ])
 def test_bad_completion_requests_get_openai_errors(server, body, status, param, words):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -419,3 +420,15 @@ def test_text_stream_equals_one_decode_of_all_ids(loaded, ids, stop):
         pieces.append(stream.flush())
     assert "".join(pieces) == (full[:min(cuts)] if cuts else full)
     assert stopped == bool(cuts)
+
+
+def test_prompt_as_token_ids_and_ignore_eos(client, server, loaded):
+    ids = loaded.tokenizer(PROMPTS[4])["input_ids"]
+    by_text = client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=12, temperature=0)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text and by_ids.usage.prompt_tokens == len(ids)
+    produced = [int(t[0]) for t in loaded.student.generate(torch.tensor([ids]), 60, greedy=True)]
+    reply = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": ids, "max_tokens": 60,
+                                                              "temperature": 0, "ignore_eos": True}, timeout=60).json()
+    assert reply["usage"]["completion_tokens"] == 60 and reply["choices"][0]["finish_reason"] == "length"
+    assert reply["choices"][0]["text"] == loaded.tokenizer.decode(produced, skip_special_tokens=True)

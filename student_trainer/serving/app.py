@@ -183,7 +183,7 @@ def create_app(settings: ServeSettings, loaded: LoadedModel | None = None) -> Fa
             raise ApiError(400, f"max_tokens is {max_tokens}, more than this server's limit of "
                            f"{settings.max_tokens_limit} (STUDENT_SERVE_MAX_TOKENS_LIMIT)", param="max_tokens")
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                              stop=req.stop_strings())
+                              stop=req.stop_strings(), ignore_eos=req.ignore_eos)
 
     def check_prompt(ids: list[int], param: str) -> list[int]:
         tokenizer = engine().tokenizer
@@ -274,7 +274,16 @@ def create_app(settings: ServeSettings, loaded: LoadedModel | None = None) -> Fa
         check_key(request)
         req: CompletionRequest = parse(CompletionRequest, await read_json(request))
         params = sampling(req, req.max_tokens)
-        ids = check_prompt(engine().tokenizer(req.prompt_text())["input_ids"], "prompt")
+        ids = req.prompt_ids()
+        if ids is not None:
+            vocab = len(engine().tokenizer)
+            bad = [i for i in ids if not 0 <= i < vocab]
+            if bad:
+                raise ApiError(400, f"prompt token ids must be in [0, {vocab}) (the tokenizer's vocabulary), found "
+                               f"{bad[:5]}", param="prompt")
+        else:
+            ids = engine().tokenizer(req.prompt_text())["input_ids"]
+        ids = check_prompt(ids, "prompt")
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await answer(request, "text", ids, params, include_usage, req.stream)
 

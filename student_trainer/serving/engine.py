@@ -32,13 +32,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SamplingParams:
-    """One request's decoding: ``temperature`` 0 is greedy (argmax); ``stop`` strings end the text before them."""
+    """One request's decoding: ``temperature`` 0 is greedy (argmax); ``stop`` strings end the text before them;
+    ``ignore_eos`` decodes ``max_tokens`` tokens whatever they are."""
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # stop ids do not end the request (fixed-length benchmarks)
 
 
 @dataclass
@@ -405,7 +407,7 @@ class Engine:
             if generation.cancelled:
                 continue
             generation.completion_tokens += 1
-            if token in self.stop_ids:
+            if token in self.stop_ids and not generation.params.ignore_eos:
                 generation.emit(Event(generation.stream.flush(), "stop", generation.completion_tokens))
                 continue
             text, stopped = generation.stream.push(token)

@@ -40,6 +40,7 @@ class _Request(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension: go on past the end-of-text token (benchmarks of fixed lengths)
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -79,7 +80,13 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int]  # text, a list of one text, or token ids (as OpenAI's API takes them)
+
+    def prompt_ids(self) -> list[int] | None:
+        """The prompt's token ids when it was sent as ids, else None."""
+        if isinstance(self.prompt, list) and self.prompt and all(isinstance(i, int) for i in self.prompt):
+            return list(self.prompt)  # type: ignore[arg-type]
+        return None
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):
