@@ -15,9 +15,11 @@ Run: .venv/bin/python benchmarks/bench_serve.py [--student RUN_OR_EXPORT] [--con
 - Teacher: the embedded SmolLM2-135M-Instruct (fp32) in a fresh worker process per context, one
   ``model.generate`` call over the streams' prompts as one batch (static batching: all prompts have one
   length), timed at every generated token through a stopping criterion.
-- Figures per cell: time to first token (mean and max over streams), decode tokens/s = tokens after each
-  stream's first / (last token - first token over all streams), inter-token latency p50 / p99 / max,
-  and the peak RSS of the serving process (sampled every 20 ms) and its RSS before the cell.
+- Figures per cell: time to first token (mean and max over streams); decode tokens/s = the sum over the
+  streams of each one's decode rate (tokens after its first / (its last token - its first token), i.e.
+  1 / time per output token); output tokens/s = all tokens / the cell's wall time (prefill included);
+  inter-token latency p50 / p99 / max over every stream's gaps; the peak RSS of the serving process
+  (sampled every 20 ms) and its RSS before the cell.
 
 Goals (issue 16): at 32 streams and 4,096 context the student decodes >= 5x the teacher's tokens/s;
 the student server's peak RSS within 10% from 128 to 4,096 context; p99 inter-token latency at 32
@@ -100,11 +102,13 @@ def cell_figures(first: list[float], last: list[float], gaps: list[float], token
                  ) -> dict[str, float]:
     """The figures of one cell from each stream's first/last token times, all inter-token gaps and counts."""
     gaps = sorted(gaps)
-    decode_window = max(last) - min(first)
+    # each stream's decode rate (1 / time per output token after its first), summed over the streams
+    decode_rate = sum((n - 1) / (b - a) for a, b, n in zip(first, last, tokens) if b > a)
     pick = lambda q: gaps[min(len(gaps) - 1, int(q * len(gaps)))] if gaps else float("nan")  # noqa: E731
     return {"ttft_mean_s": round(statistics.mean(f - start for f in first), 3),
             "ttft_max_s": round(max(first) - start, 3),
-            "decode_tokens_per_s": round(sum(n - 1 for n in tokens) / decode_window, 2) if decode_window > 0 else None,
+            "decode_tokens_per_s": round(decode_rate, 2),
+            "output_tokens_per_s": round(sum(tokens) / (max(last) - start), 2),
             "itl_p50_ms": round(1000 * pick(0.5), 1), "itl_p99_ms": round(1000 * pick(0.99), 1),
             "itl_max_ms": round(1000 * gaps[-1], 1) if gaps else None,
             "wall_s": round(max(last) - start, 2), "tokens": sum(tokens)}

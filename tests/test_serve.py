@@ -432,3 +432,36 @@ def test_prompt_as_token_ids_and_ignore_eos(client, server, loaded):
                                                               "temperature": 0, "ignore_eos": True}, timeout=60).json()
     assert reply["usage"]["completion_tokens"] == 60 and reply["choices"][0]["finish_reason"] == "length"
     assert reply["choices"][0]["text"] == loaded.tokenizer.decode(produced, skip_special_tokens=True)
+
+
+def test_a_request_arriving_mid_prefill_catches_up_and_merges(loaded):
+    """B is 8 tokens into its prompt (half a chunk of the tiny student) when C arrives: B waits while C
+    catches up, then both go on as one batch (one prefill group), each still with its solo greedy answer."""
+    from student_trainer.serving.engine import Engine, SamplingParams
+
+    engine = Engine(loaded.student, loaded.tokenizer, prefill_tokens=8)
+    engine.stop_ids = set()
+    loop = asyncio.new_event_loop()
+
+    async def submit(ids: list[int], max_tokens: int):
+        return engine.submit(ids, SamplingParams(max_tokens=max_tokens, temperature=0))
+
+    text_ids = loaded.tokenizer(" ".join(PROMPTS * 12))["input_ids"]
+    running = loop.run_until_complete(submit(text_ids[:5], 200))
+    while running not in engine.active:
+        engine.iterate()
+    b = loop.run_until_complete(submit(text_ids[10:190], 6))
+    engine.iterate()
+    assert [g.consumed for g in engine.prefilling] == [8]
+    c = loop.run_until_complete(submit(text_ids[40:170], 6))
+    offsets = []
+    while len(engine.prefilling) != 1 or len(engine.prefilling[0].generations) != 2:
+        engine.iterate()
+        offsets.append([g.consumed for g in engine.prefilling])
+        assert len(offsets) < 10, offsets
+    assert all(o[0] == 8 for o in offsets[:-1])  # B waited for C
+    while not (b.finished and c.finished):
+        engine.iterate()
+    loop.close()
+    for generation, ids in ((b, text_ids[10:190]), (c, text_ids[40:170])):
+        assert generation.stream.ids == [int(t[0]) for t in loaded.student.generate(torch.tensor([ids]), 6, greedy=True)]

@@ -328,18 +328,28 @@ class Engine:
 
     def _prefill_some(self) -> list[tuple[list[Generation], torch.Tensor, RecurrentState]]:
         """Consume up to one budget of prompt tokens, oldest group first: the requests whose prompts are
-        done, with their next-token logits ``[N, V]`` and their rows' state (per-row form)."""
-        done: list[tuple[list[Generation], torch.Tensor, RecurrentState]] = []
-        budget = self.prefill_tokens if self.active else None  # nobody waits for a token: full speed
+        done, with their next-token logits ``[N, V]`` and their rows' state (per-row form).
+
+        Requests that arrive a few milliseconds apart land in different groups; a group at most one chunk
+        ahead of a younger one waits while the younger one catches up to its offset, and groups at one
+        offset merge, so prompts sent together are consumed (and decoded) as one batch."""
         for group in list(self.prefilling):
-            if budget is not None and budget <= 0:
-                break
             self._drop_cancelled(group)
             if not group.generations:
                 self.prefilling.remove(group)
+        self._merge_equal_offsets()
+        done: list[tuple[list[Generation], torch.Tensor, RecurrentState]] = []
+        budget = self.prefill_tokens if self.active else None  # nobody waits for a token: full speed
+        chunk_size = self.student.config.recurrent_chunk_size
+        for group in list(self.prefilling):
+            if budget is not None and budget <= 0:
+                break
+            ahead = [g.consumed for g in self.prefilling if 0 < g.consumed - group.consumed <= chunk_size]
+            behind = any(0 < group.consumed - g.consumed <= chunk_size for g in self.prefilling)
+            if behind:  # a younger group is catching up with this one: wait for it
                 continue
             try:
-                finished = self._prefill_chunk(group, budget)
+                finished = self._prefill_chunk(group, budget, min(ahead) if ahead else None)
             except Exception as exc:  # noqa: BLE001 - a bad prompt fails its requests, not the server
                 log.exception("prefill failed")
                 for generation in group.generations:
@@ -354,13 +364,32 @@ class Engine:
                 self.prefilling.remove(group)
         return done
 
-    def _prefill_chunk(self, group: PrefillGroup, budget: int | None
+    def _merge_equal_offsets(self) -> None:
+        """Groups at the same offset become one (their states share the int position and ``scale``)."""
+        merged: list[PrefillGroup] = []
+        for group in self.prefilling:
+            same = next((m for m in merged if m.consumed == group.consumed), None)
+            if same is None:
+                merged.append(group)
+                continue
+            same.generations += group.generations
+            if same.state is not None:
+                assert group.state is not None
+                same.state = RecurrentState(same.state.position, [
+                    {"prev_key_value": torch.cat([a["prev_key_value"], b["prev_key_value"]]), "scale": a["scale"]}
+                    for a, b in zip(same.state.layers, group.state.layers)])
+        self.prefilling = merged
+
+    def _prefill_chunk(self, group: PrefillGroup, budget: int | None, target: int | None = None
                        ) -> tuple[list[Generation], torch.Tensor, RecurrentState, int]:
         """Advance ``group`` by one chunk (all its rows the same number of tokens, at most the shortest
-        remaining prompt): the rows whose prompts ended, their logits and per-row state, tokens consumed."""
+        remaining prompt, and no further than offset ``target``): the rows whose prompts ended, their
+        logits and per-row state, tokens consumed."""
         rows = len(group.generations)
         chunk = min(group.remaining())
         chunk = min(chunk, self.student.config.recurrent_chunk_size)
+        if target is not None:
+            chunk = min(chunk, target - group.consumed)
         if budget is not None:
             chunk = min(chunk, max(1, budget // rows))
         ids = torch.tensor([g.prompt_ids[group.consumed:group.consumed + chunk] for g in group.generations],
