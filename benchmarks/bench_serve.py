@@ -8,7 +8,7 @@ Run: .venv/bin/python benchmarks/bench_serve.py [--student RUN_OR_EXPORT] [--con
 - Prompts: real text (the Dolly sample's records, concatenated and tokenized with the teacher's
   tokenizer), exactly ``context`` token ids each, a different stretch of the text per stream. Both sides
   get the same ids; both decode greedily ``--new-tokens`` tokens past any end-of-text token.
-- Student: a fresh ``retnet-distill serve`` process per context; the streams are sent together as
+- Student: a fresh ``retnet-distill serve`` process per cell (context x streams); the streams are sent together as
   ``POST /v1/completions`` with token-id prompts, ``stream: true`` and ``ignore_eos``, and timed at every
   server-sent chunk. Without ``--student``, the embedded teacher's weights are copied into a student of
   its shape (no training: speed does not depend on the weights' values).
@@ -176,12 +176,13 @@ async def student_cell(url: str, prompts: list[list[int]], new_tokens: int) -> d
 
 
 def run_student(args: argparse.Namespace, student: str, tokenizer: str | None, ids: list[int]) -> list[dict[str, Any]]:
+    """One fresh server per cell: a cell's peak RSS is its own, not what an earlier cell's allocations left."""
     rows = []
     for context in args.contexts:
-        port = free_port()
-        server = start_server(student, tokenizer, port, Path(args.workdir) / f"serve-{context}.log")
-        try:
-            for streams in args.streams:
+        for streams in args.streams:
+            port = free_port()
+            server = start_server(student, tokenizer, port, Path(args.workdir) / f"serve-{context}-{streams}.log")
+            try:
                 before = rss_bytes(server.pid)
                 with PeakRss(server.pid) as rss:
                     figures = asyncio.run(student_cell(f"http://127.0.0.1:{port}", stream_prompts(ids, streams, context),
@@ -189,9 +190,9 @@ def run_student(args: argparse.Namespace, student: str, tokenizer: str | None, i
                 rows.append({"system": "student", "context": context, "streams": streams, **figures,
                              "rss_before_mb": round(before / 2**20), "rss_peak_mb": round(rss.peak / 2**20)})
                 emit(bench="serve", **rows[-1])
-        finally:
-            server.terminate()
-            server.wait(30)
+            finally:
+                server.terminate()
+                server.wait(30)
     return rows
 
 
@@ -329,6 +330,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/bench-serve")
     parser.add_argument("--model-cache-dir", default="~/.cache/retnet-distill/models")
     parser.add_argument("--output", default="benchmarks/results-serve.json")
+    parser.add_argument("--teacher-rows", default=None, help="reuse the teacher rows of an earlier --output (same "
+                        "machine) instead of running the teacher again (its 4,096 x 32 cell takes 13 minutes on 2 cores)")
     parser.add_argument("--teacher-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.teacher_worker:
@@ -345,7 +348,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     if "student" in args.systems:
         rows += run_student(args, student, student_tokenizer, ids)
-    if "teacher" in args.systems:
+    if args.teacher_rows:
+        rows += [r for r in json.loads(Path(args.teacher_rows).read_text())["rows"] if r["system"] == "teacher"]
+    elif "teacher" in args.systems:
         rows += run_teacher(args, ids)
     report = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.processor() or 'cpu'}",
               "new_tokens": args.new_tokens, "rows": rows, "summary": summary(rows, args)}

@@ -465,3 +465,25 @@ def test_a_request_arriving_mid_prefill_catches_up_and_merges(loaded):
     loop.close()
     for generation, ids in ((b, text_ids[10:190]), (c, text_ids[40:170])):
         assert generation.stream.ids == [int(t[0]) for t in loaded.student.generate(torch.tensor([ids]), 6, greedy=True)]
+
+
+def test_idle_prefill_forwards_hold_at_most_prefill_batch_tokens(loaded):
+    """With nobody decoding, 4 prompts go in 16 / 4 = 4 tokens per row per forward (bounded memory)."""
+    from student_trainer.serving.engine import Engine, SamplingParams
+
+    engine = Engine(loaded.student, loaded.tokenizer, prefill_tokens=8, prefill_batch_tokens=16)
+    loop = asyncio.new_event_loop()
+    ids = loaded.tokenizer(" ".join(PROMPTS * 4))["input_ids"]
+
+    async def submit_all():
+        return [engine.submit(ids[i:i + 30], SamplingParams(max_tokens=3, temperature=0)) for i in range(4)]
+
+    generations = loop.run_until_complete(submit_all())
+    engine.iterate()
+    assert [(g.consumed, len(g.generations)) for g in engine.prefilling] == [(4, 4)]
+    while not all(g.finished for g in generations):
+        engine.iterate()
+    loop.close()
+    for i, generation in enumerate(generations):
+        want = greedy_ids(loaded, ids[i:i + 30], 3)
+        assert generation.stream.ids == want

@@ -92,7 +92,7 @@ class ServerState:
     def serve(self, loaded: LoadedModel) -> None:
         s = self.settings
         engine = Engine(loaded.student, loaded.tokenizer, s.max_batch_size, s.prefill_tokens, s.max_waiting_requests,
-                        self.metrics.on_step)
+                        self.metrics.on_step, s.prefill_batch_tokens)
         self.metrics.active_requests.set_function(lambda: len(engine.active))
         self.metrics.waiting_requests.set_function(lambda: engine.waiting)
         engine.start()

@@ -210,21 +210,26 @@ class Engine:
     tokens of the requests still prefilling (chunked prefill: a long prompt never pauses the running
     streams for longer than one budget's worth of prefill). Requests that arrive together are prefilled
     together, at the same offset, so they start decoding together. With no stream decoding, prompts are
-    consumed at full speed (whole chunks of the student's ``recurrent_chunk_size``).
+    consumed at full speed, ``prefill_batch_tokens`` per forward (chunks of at most the student's
+    ``recurrent_chunk_size`` per row).
 
     Args:
         student: the model (eval mode).
         tokenizer: its tokenizer (decoding, stop ids).
         max_batch_size: most rows decoding or prefilling together; more requests wait in arrival order.
         prefill_tokens: prompt tokens consumed per decode step while streams are decoding.
+        prefill_batch_tokens: most prompt tokens in one prefill forward with no stream decoding (its
+            activations are O(rows x chunk), so this bounds the server's memory whatever the batch).
         max_waiting: most requests waiting for a row; beyond it ``submit`` raises :class:`EngineFull`.
         on_step: called after every sampling pass with the number of rows sampled (metrics).
     """
 
     def __init__(self, student: RetNetStudent, tokenizer: Any, max_batch_size: int = 64, prefill_tokens: int = 512,
-                 max_waiting: int = 256, on_step: Callable[[int], None] = lambda rows: None) -> None:
+                 max_waiting: int = 256, on_step: Callable[[int], None] = lambda rows: None,
+                 prefill_batch_tokens: int = 4096) -> None:
         self.student, self.tokenizer, self.max_batch_size, self.on_step = student.eval(), tokenizer, max_batch_size, on_step
         self.prefill_tokens, self.max_waiting = prefill_tokens, max_waiting
+        self.prefill_batch_tokens = max(prefill_batch_tokens, prefill_tokens)
         self.device = next(student.parameters()).device
         self.stop_ids = stop_ids(tokenizer)
         self.vocab = len(tokenizer)  # ids at or beyond it (LM-head padding) cannot be decoded: never sampled
@@ -339,10 +344,11 @@ class Engine:
                 self.prefilling.remove(group)
         self._merge_equal_offsets()
         done: list[tuple[list[Generation], torch.Tensor, RecurrentState]] = []
-        budget = self.prefill_tokens if self.active else None  # nobody waits for a token: full speed
+        # nobody waits for a token: full speed, in forwards of at most prefill_batch_tokens (bounded memory)
+        budget = self.prefill_tokens if self.active else self.prefill_batch_tokens
         chunk_size = self.student.config.recurrent_chunk_size
         for group in list(self.prefilling):
-            if budget is not None and budget <= 0:
+            if budget <= 0:
                 break
             ahead = [g.consumed for g in self.prefilling if 0 < g.consumed - group.consumed <= chunk_size]
             behind = any(0 < group.consumed - g.consumed <= chunk_size for g in self.prefilling)
@@ -356,8 +362,7 @@ class Engine:
                     generation.emit(Event("", "error", error=f"prefill failed: {exc}"))
                 self.prefilling.remove(group)
                 continue
-            if budget is not None:
-                budget -= finished[3]
+            budget -= finished[3]
             if finished[0]:
                 done.append(finished[:3])
             if not group.generations:
@@ -380,7 +385,7 @@ class Engine:
                     for a, b in zip(same.state.layers, group.state.layers)])
         self.prefilling = merged
 
-    def _prefill_chunk(self, group: PrefillGroup, budget: int | None, target: int | None = None
+    def _prefill_chunk(self, group: PrefillGroup, budget: int, target: int | None = None
                        ) -> tuple[list[Generation], torch.Tensor, RecurrentState, int]:
         """Advance ``group`` by one chunk (all its rows the same number of tokens, at most the shortest
         remaining prompt, and no further than offset ``target``): the rows whose prompts ended, their
@@ -390,8 +395,7 @@ class Engine:
         chunk = min(chunk, self.student.config.recurrent_chunk_size)
         if target is not None:
             chunk = min(chunk, target - group.consumed)
-        if budget is not None:
-            chunk = min(chunk, max(1, budget // rows))
+        chunk = min(chunk, max(1, budget // rows))
         ids = torch.tensor([g.prompt_ids[group.consumed:group.consumed + chunk] for g in group.generations],
                            dtype=torch.int64, device=self.device)
         chunk_logits, group.state = self.student.prefill(ids, state=group.state, chunk_size=chunk)

@@ -34,6 +34,8 @@ class ServeSettings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, description="most requests decoding together; later ones wait for a free row")
     prefill_tokens: int = Field(512, ge=1, description="prompt tokens prefilled per decode step while streams decode "
                                 "(chunked prefill: bounds how long a new long prompt delays the running streams)")
+    prefill_batch_tokens: int = Field(4096, ge=1, description="most prompt tokens in one prefill forward while no "
+                                      "stream decodes (bounds the server's memory whatever the batch and context)")
     max_waiting_requests: int = Field(256, ge=1, description="requests queued for a free row; more: 429")
     api_key: SecretStr | None = Field(None, description="if set, /v1/* needs 'Authorization: Bearer <key>'")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
