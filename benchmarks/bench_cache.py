@@ -33,12 +33,12 @@ import torch
 
 from shared.cache_format import CacheSpec, CacheWriter, bytes_per_token
 from shared.cache_reader import CacheReader
-from student_trainer.config import load_config
+from student_trainer.training.config import load_config
 from student_trainer.data.preprocess import PreprocessConfig, preprocess
 from student_trainer.data.shards import PretokenizedShardDataset, read_manifest
-from student_trainer.model import RetNetStudent
+from student_trainer.model.student import RetNetStudent
 from student_trainer.teachers import CachedTeacher, DirectTeacher
-from student_trainer.train import Evaluator, loss_config, train
+from student_trainer.training.recipe import Evaluator, loss_config, train
 from teacher_server.engines.base import EngineRequest
 from teacher_server.engines.topk_math import TopKRows
 from teacher_server.engines.cache_fill import cache_spec, fill_cache

@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from student_trainer.model import RetNetStudent, StudentConfig
-from student_trainer.tokenizer import load_tokenizer
+from student_trainer.model.student import RetNetStudent, StudentConfig
+from student_trainer.data.tokenizer import load_tokenizer
 from teacher_server.engines.model_source import EMBEDDED_ALIAS, resolve_model
 
 

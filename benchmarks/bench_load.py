@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     server, pid = None, None
     with tempfile.TemporaryDirectory() as tmp:
         if args.url is None:
-            from student_trainer.teacher_process import LocalTeacher
+            from student_trainer.teachers.process import LocalTeacher
             from tests.conftest import build_tiny_llama
 
             model = build_tiny_llama(Path(tmp) / "tiny")

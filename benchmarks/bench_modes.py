@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from student_trainer.config import load_config  # noqa: E402
+from student_trainer.training.config import load_config  # noqa: E402
 from student_trainer.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
-from student_trainer.teacher_process import LocalTeacher  # noqa: E402
-from student_trainer.train import train  # noqa: E402
+from student_trainer.teachers.process import LocalTeacher  # noqa: E402
+from student_trainer.training.recipe import train  # noqa: E402
 from teacher_server.engines.cache_fill import cache_spec, fill_cache  # noqa: E402
 from teacher_server.engines.hf import HFEngine  # noqa: E402
 

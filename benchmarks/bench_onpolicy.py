@@ -68,19 +68,19 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.wire import encode_topk_request  # noqa: E402
-from student_trainer.config import TrainConfig, load_config  # noqa: E402
-from student_trainer.data.batch import Batch  # noqa: E402
+from student_trainer.training.config import TrainConfig, load_config  # noqa: E402
+from student_trainer.training.batches import Batch  # noqa: E402
 from student_trainer.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
 from student_trainer.data.sampler import ShardSampler  # noqa: E402
 from student_trainer.data.shards import PretokenizedShardDataset, read_manifest  # noqa: E402
-from student_trainer.evaluate import heldout_metrics  # noqa: E402
-from student_trainer.generation_quality import generation_metrics  # noqa: E402
-from student_trainer.model import RetNetStudent  # noqa: E402
-from student_trainer.onpolicy import OnPolicySettings, prompts_of, sample_rollout  # noqa: E402
-from student_trainer.teacher_process import LocalTeacher  # noqa: E402
+from student_trainer.evaluation.evaluate import heldout_metrics  # noqa: E402
+from student_trainer.evaluation.generation_quality import generation_metrics  # noqa: E402
+from student_trainer.model.student import RetNetStudent  # noqa: E402
+from student_trainer.training.onpolicy import OnPolicySettings, prompts_of, sample_rollout  # noqa: E402
+from student_trainer.teachers.process import LocalTeacher  # noqa: E402
 from student_trainer.teachers import DirectTeacher  # noqa: E402
-from student_trainer.tokenizer import DEFAULT_MODEL_CACHE_DIR  # noqa: E402
-from student_trainer.train import train  # noqa: E402
+from student_trainer.data.tokenizer import DEFAULT_MODEL_CACHE_DIR  # noqa: E402
+from student_trainer.training.recipe import train  # noqa: E402
 from teacher_server.engines.model_source import EMBEDDED_ALIAS  # noqa: E402
 
 BATCH, TOPK = 4, 64

@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from student_trainer.teacher_process import LocalTeacher  # noqa: E402
+from student_trainer.teachers.process import LocalTeacher  # noqa: E402
 from student_trainer.teachers.network import NetworkTeacher  # noqa: E402
 
 

@@ -18,7 +18,7 @@ weight decay, no saddle detection):
 - retrofit-stage1:      ``student_init=teacher``, attention transfer (stage 1, lr ``--lr-stage1``)
                         for ``--stage1-fraction`` of the budget, then KD (lr ``--lr-retrofit``).
 
-Every variant is trained by ``student_trainer.train.train`` (teacher-shape-random with
+Every variant is trained by ``student_trainer.training.recipe.train`` (teacher-shape-random with
 ``student_init=teacher_shape``). The students of the teacher's shape use AdamW: torch's Muon runs its
 Newton-Schulz iteration in bf16, which AVX2-only CPUs compute ~300x slower than fp32 (the tiny
 student keeps Muon, as in the main job).
@@ -44,7 +44,7 @@ comparable when it is about the same for every variant.
 Reported per variant: steps (stage 1 + KD), train_s, tokens seen (``train/tokens_seen``: every
 training token, stage 1 included), training tokens/s (tokens seen / train_s), and held-out
 perplexity, KL(teacher || student) over the whole vocabulary and top-1 agreement from
-``student_trainer.evaluate.heldout_metrics`` on the first ``--eval-batches`` x 4 rows of the val split,
+``student_trainer.evaluation.evaluate.heldout_metrics`` on the first ``--eval-batches`` x 4 rows of the val split,
 with the final checkpoint; plus the teacher's perplexity on the same tokens.
 
 Check the script on the tiny random Llama of the tests (seconds, not minutes):
@@ -69,14 +69,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from student_trainer.config import TrainConfig, load_config
+from student_trainer.training.config import TrainConfig, load_config
 from student_trainer.data.shards import PretokenizedShardDataset, read_manifest
-from student_trainer.evaluate import heldout_metrics
-from student_trainer.model import RetNetStudent
-from student_trainer.retrofit import load_teacher_lm
+from student_trainer.evaluation.evaluate import heldout_metrics
+from student_trainer.model.student import RetNetStudent
+from student_trainer.model.retrofit import load_teacher_lm
 from student_trainer.teachers import DirectTeacher
-from student_trainer.tokenizer import DEFAULT_MODEL_CACHE_DIR
-from student_trainer.train import prepare_data, train
+from student_trainer.data.tokenizer import DEFAULT_MODEL_CACHE_DIR
+from student_trainer.training.recipe import prepare_data, train
 
 VARIANTS = ("tiny-random", "teacher-shape-random", "retrofit-no-stage1", "retrofit-stage1")
 SEQ_LEN, BATCH, TOPK = 128, 4, 64

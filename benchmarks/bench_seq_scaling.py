@@ -61,7 +61,7 @@ def current_rss_bytes() -> int:
 
 def build_student(name: str, device: torch.device, chunk: int, default_path: bool = False):
     """A random-init student; ``default_path``: the config's own path choice, else it is picked per call."""
-    from student_trainer.model import RetNetStudent, StudentConfig
+    from student_trainer.model.student import RetNetStudent, StudentConfig
 
     path = {} if default_path else {"chunkwise_min_length": None}
     if name in PRESET_STUDENTS:
@@ -100,7 +100,7 @@ def one(part: str, mode: str, length: int, chunk: int, student: str, repeats: in
     if part == "teacher":
         from transformers import AutoModelForCausalLM
 
-        from student_trainer.tokenizer import DEFAULT_MODEL_CACHE_DIR
+        from student_trainer.data.tokenizer import DEFAULT_MODEL_CACHE_DIR
         from teacher_server.engines.model_source import EMBEDDED_ALIAS, resolve_model
 
         teacher = AutoModelForCausalLM.from_pretrained(str(resolve_model(EMBEDDED_ALIAS, DEFAULT_MODEL_CACHE_DIR).path),
@@ -140,7 +140,7 @@ def one(part: str, mode: str, length: int, chunk: int, student: str, repeats: in
 def fits_parallel(student: str, length: int, limit_gb: float, training: bool) -> bool:
     """Whether the parallel path's ``[H, L, L]`` fp32 tensors (mask, scores and, in training, what
     autograd keeps per layer) stay under ``limit_gb``."""
-    from student_trainer.model_config import PRESETS
+    from student_trainer.model.config import PRESETS
 
     spec = STUDENTS.get(student) or PRESETS.get(student) or dict(n_heads=4, n_layers=2)
     copies = 1 + (3 * spec["n_layers"] if training else 3)

@@ -269,8 +269,8 @@ def prepare_student(args: argparse.Namespace) -> tuple[str, str | None]:
         return args.student, args.tokenizer
     import torch
 
-    from student_trainer.model import RetNetStudent
-    from student_trainer.retrofit import copy_teacher_weights, load_teacher_lm, student_config_for
+    from student_trainer.model.student import RetNetStudent
+    from student_trainer.model.retrofit import copy_teacher_weights, load_teacher_lm, student_config_for
 
     folder = Path(args.workdir) / "student"
     if not (folder / "config.json").is_file():

@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from student_trainer.config import load_config
-from student_trainer.targets import TeacherTargets
+from student_trainer.training.config import load_config
+from student_trainer.teachers.targets import TeacherTargets
 from student_trainer.teachers import DirectTeacher
-from student_trainer.train import train
+from student_trainer.training.recipe import train
 
 
 class MemoTeacher:

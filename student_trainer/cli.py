@@ -31,10 +31,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from student_trainer.evaluate import EvalSettings, EvaluationError, evaluate
+    from student_trainer.evaluation.evaluate import EvalSettings, EvaluationError, evaluate
     from student_trainer.hf_export.export import ExportError
-    from student_trainer.lm_eval_tasks import LmEvalError
+    from student_trainer.evaluation.lm_eval_tasks import LmEvalError
     from student_trainer.main_job import print_report
+    from student_trainer.training.checkpoint import CheckpointNotFound
 
     settings = EvalSettings(checkpoint=args.checkpoint, data=args.data, teacher=args.teacher, split=args.split,
                             batches=args.batches, batch_size=args.batch_size, device=args.device,
@@ -47,7 +48,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     try:
         with console.status("evaluating") as status:
             report = evaluate(settings, progress=status.update)
-    except (EvaluationError, FileNotFoundError, LmEvalError, ExportError) as exc:
+    except (EvaluationError, CheckpointNotFound, FileNotFoundError, LmEvalError, ExportError) as exc:
         print(f"retnet-distill evaluate: {exc}", file=sys.stderr)
         return 1
     print_report(console, report)
@@ -64,7 +65,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             student = "-" if row["student"] is None else f"{row['student']:.3f}"
             console.print(f"lm-eval {task} {metric}: student {student}, teacher {row['teacher']:.3f} ({percent})")
     if "long_context" in report:
-        from student_trainer.long_context import print_long_context
+        from student_trainer.evaluation.long_context import print_long_context
 
         print_long_context(console, report["long_context"])
     print(json.dumps({"report": report["report_json"], "curves": report.get("curves_png"), **report["metrics"]}))
@@ -72,7 +73,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from student_trainer.generate import Sampling, interactive, load_chat
+    from student_trainer.evaluation.generate import Sampling, interactive, load_chat
 
     sampling = Sampling(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
                         max_new_tokens=args.max_new_tokens, seed=args.seed)
@@ -195,10 +196,10 @@ def _train(args: argparse.Namespace) -> int:
     import json
     import logging
 
-    from student_trainer.config import ConfigError, load_config
-    from student_trainer.health import TrainingDiverged
+    from student_trainer.training.config import ConfigError, load_config
+    from student_trainer.training.health import TrainingDiverged
     from student_trainer.teachers.network import TeacherError
-    from student_trainer.train import train
+    from student_trainer.training.recipe import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides) + ([f"teacher_url={args.teacher_url}"] if args.teacher_url else [])

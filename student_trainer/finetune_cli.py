@@ -1,4 +1,4 @@
-"""``retnet-distill finetune-teacher``: the command line of :mod:`student_trainer.finetune_teacher`.
+"""``retnet-distill finetune-teacher``: the command line of :mod:`student_trainer.training.finetune_teacher`.
 
 ``student_trainer.cli`` registers it with ``finetune_cli.add_parser(commands)``; the module also
 runs on its own (``python -m student_trainer.finetune_cli --config configs/teacher_ft.yaml``).
@@ -16,8 +16,8 @@ def _finetune_teacher(args: argparse.Namespace) -> int:
     import logging
 
     from shared.token_shards import ShardError
-    from student_trainer.config import ConfigError
-    from student_trainer.finetune_teacher import FinetuneError, finetune, load_finetune_config
+    from student_trainer.training.config import ConfigError
+    from student_trainer.training.finetune_teacher import FinetuneError, finetune, load_finetune_config
     from teacher_server.engines.model_source import ModelSourceError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

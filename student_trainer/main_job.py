@@ -23,9 +23,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from student_trainer.config import TrainConfig
-from student_trainer.teacher_process import LocalTeacher
-from student_trainer.tokenizer import DEFAULT_MODEL_CACHE_DIR as DEFAULT_CACHE_DIR
+from student_trainer.training.config import TrainConfig
+from student_trainer.teachers.process import LocalTeacher
+from student_trainer.data.tokenizer import DEFAULT_MODEL_CACHE_DIR as DEFAULT_CACHE_DIR
 from teacher_server.engines.model_source import EMBEDDED_ALIAS, resolve_model
 
 # The tiny random-init student (--student tiny) at 4 x 128 tokens per step. The CPU teacher computes
@@ -91,8 +91,8 @@ def run_main_job(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline; returns ``{"train": train summary, "report": evaluation report, ...}``."""
-    from student_trainer.evaluate import EvalSettings, evaluate
-    from student_trainer.train import prepare_data, train
+    from student_trainer.evaluation.evaluate import EvalSettings, evaluate
+    from student_trainer.training.recipe import prepare_data, train
 
     console = console or Console()
     console.rule("[bold]retnet-distill: main job")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from student_trainer.teacher_process import LocalTeacher
+from student_trainer.teachers.process import LocalTeacher
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def one_torch_thread():
 
 def tiny_student(vocab_size: int = TINY_VOCAB, **overrides):
     """The ``tiny`` RetNet student preset with a fixed initialisation."""
-    from student_trainer.model import RetNetStudent, StudentConfig
+    from student_trainer.model.student import RetNetStudent, StudentConfig
 
     torch.manual_seed(0)
     return RetNetStudent(StudentConfig.from_preset("tiny", vocab_size=vocab_size, **overrides))

@@ -17,7 +17,7 @@ import torch
 from shared.cache_format import CacheCorrupted, CacheMismatch
 from student_trainer.data.shards import PretokenizedShardDataset, read_manifest
 from student_trainer.teachers import CachedTeacher, DirectTeacher
-from student_trainer.train import Batch, train
+from student_trainer.training.recipe import Batch, train
 from tests.conftest import REPO_ROOT, start_server
 from tests.test_train import step_losses, tiny_config
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from student_trainer.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, restore_rng_state, rng_state
+from student_trainer.training.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, restore_rng_state, rng_state
 from student_trainer.teachers import DirectTeacher
-from student_trainer.train import train
+from student_trainer.training.recipe import train
 from tests.test_train import step_losses, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

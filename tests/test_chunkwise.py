@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from student_trainer.config import ConfigError, load_config
-from student_trainer.model import RetNetStudent, StudentConfig
-from student_trainer.retrofit import retrofit
+from student_trainer.training.config import ConfigError, load_config
+from student_trainer.model.student import RetNetStudent, StudentConfig
+from student_trainer.model.retrofit import retrofit
 from student_trainer.teachers import DirectTeacher
-from student_trainer.train import train
+from student_trainer.training.recipe import train
 from tests.conftest import tiny_student
 from tests.test_retrofit import IDS, VOCAB, _tiny
 
@@ -178,7 +178,7 @@ def test_generate_answers_a_long_document_from_a_prompt_file(tmp_path, tiny_mode
     from pydoc_data.topics import topics
 
     from student_trainer.cli import main as cli_main
-    from student_trainer.generate import load_chat, Sampling
+    from student_trainer.evaluation.generate import load_chat, Sampling
     from tests.conftest import TINY_VOCAB
 
     tiny_student(TINY_VOCAB).save(tmp_path / "student")

@@ -15,7 +15,7 @@ from tests.conftest import DOLLY, needs_dolly
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
-    from student_trainer.tokenizer import load_tokenizer
+    from student_trainer.data.tokenizer import load_tokenizer
 
     return load_tokenizer("smollm2-135m-instruct")
 

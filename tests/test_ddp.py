@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from student_trainer.config import ConfigError, load_config
+from student_trainer.training.config import ConfigError, load_config
 from student_trainer.data.sampler import ShardSampler
 from student_trainer.data.shards import PretokenizedShardDataset
 from student_trainer.teachers import DirectTeacher
-from student_trainer.train import train
+from student_trainer.training.recipe import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STEPS, STOP_AT, ROWS_PER_STEP, RANKS = 6, 3, 4, 2
@@ -172,7 +172,7 @@ def test_fsdp2_matches_one_process_and_resumes(tmp_path, tiny_shards, seed, tiny
     check_same_steps(straight, tmp_path / "single", tight_until=STEPS, loose=0.0)
     check_resume(straight, resumed)
     check_written_by_rank_0(straight, resumed)
-    from student_trainer.model import RetNetStudent
+    from student_trainer.model.student import RetNetStudent
 
     saved_dir, reference_dir = (tmp_path / run / "checkpoints" / f"step-{STEPS:08d}" / "model"
                                 for run in ("fsdp2-resumed", "single"))

@@ -137,7 +137,7 @@ def test_k8s_settings_and_secret_reach_both_pods():
 
 def test_k8s_trainer_job_runs_torchrun_on_a_valid_config():
     from student_trainer.cli import build_parser
-    from student_trainer.config import load_config
+    from student_trainer.training.config import load_config
 
     job = find("Job")
     pod = job["spec"]["template"]["spec"]

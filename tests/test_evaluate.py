@@ -9,20 +9,19 @@ import pytest
 import torch
 
 from student_trainer.cli import main as cli_main
-from student_trainer.config import load_config
+from student_trainer.training.config import load_config
 from student_trainer.data.shards import PretokenizedShardDataset
-from student_trainer.evaluate import (
+from student_trainer.evaluation.evaluate import (
     EvalSettings,
-    EvaluationError,
     evaluate,
     heldout_metrics,
     recurrent_parallel_difference,
-    resolve_checkpoint,
 )
-from student_trainer.generate import ChatSession, Sampling, interactive
-from student_trainer.plots import plot_training_curves, read_metrics
+from student_trainer.evaluation.generate import ChatSession, Sampling, interactive
+from student_trainer.evaluation.plots import plot_training_curves, read_metrics
 from student_trainer.teachers import DirectTeacher
-from student_trainer.train import train
+from student_trainer.training.checkpoint import CheckpointNotFound, resolve_checkpoint
+from student_trainer.training.recipe import train
 from tests.conftest import TINY_VOCAB, tiny_student
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -122,7 +121,7 @@ def test_resolve_checkpoint_accepts_run_checkpoint_and_model_folders(trained_run
     assert resolve_checkpoint(from_run.model_dir.parent).model_dir == from_run.model_dir
     bare = resolve_checkpoint(from_run.model_dir)
     assert bare.run_dir is None and bare.train_config == {}
-    with pytest.raises(EvaluationError, match="not a run folder"):
+    with pytest.raises(CheckpointNotFound, match="not a run folder"):
         resolve_checkpoint(trained_run / "checkpoints")
 
 
@@ -141,7 +140,7 @@ def test_plots_mark_events_and_refuse_files_without_training_steps(tmp_path):
 
 
 def test_plots_keep_onpolicy_steps_apart_and_draw_the_generation_panel(tmp_path):
-    from student_trainer.plots import ONPOLICY_KEY, series
+    from student_trainer.evaluation.plots import ONPOLICY_KEY, series
 
     metrics = tmp_path / "metrics.jsonl"
     lines = [{"step": s, "train/total": 3.0, "train/divergence": 0.5 if s % 2 else 2.0, "train/onpolicy": float(s % 2),

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from student_trainer.cli import main
 from student_trainer.hf_export import export as export_module
 from student_trainer.hf_export.export import CODE_FILES, ExportError, export
-from student_trainer.model import RetNetStudent
-from student_trainer.retrofit import retrofit
+from student_trainer.model.student import RetNetStudent
+from student_trainer.model.retrofit import retrofit
 from tests.conftest import TINY_VOCAB, build_tiny_llama, tiny_student
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -272,7 +272,7 @@ def test_the_cli_exports_and_reports_bad_input(teacher_dir, tmp_path, capsys) ->
 
 @pytest.mark.slow
 def test_a_student_of_the_embedded_teacher_exports_and_matches(tmp_path) -> None:
-    from student_trainer.retrofit import load_teacher_lm
+    from student_trainer.model.retrofit import load_teacher_lm
 
     teacher, tokenizer, _ = load_teacher_lm("smollm2-135m-instruct", "~/.cache/retnet-distill/models")
     ids = torch.tensor([tokenizer("Python's `pass` statement does nothing.")["input_ids"]])

@@ -14,9 +14,9 @@ from safetensors import safe_open
 
 from shared.fingerprint import tokenizer_sha256
 from shared.wire import decode_topk_response, encode_topk_request
-from student_trainer.config import ConfigError
+from student_trainer.training.config import ConfigError
 from student_trainer.data.shards import PretokenizedShardDataset
-from student_trainer.finetune_teacher import (
+from student_trainer.training.finetune_teacher import (
     IGNORE_INDEX,
     INFO_FILE,
     Batch,

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from student_trainer.evaluate import EvalSettings, evaluate
-from student_trainer.generation_quality import distinct_n, generation_metrics, repetition_rate, teacher_nll
+from student_trainer.evaluation.evaluate import EvalSettings, evaluate
+from student_trainer.evaluation.generation_quality import distinct_n, generation_metrics, repetition_rate, teacher_nll
 from tests.conftest import TINY_VOCAB
 from tests.test_evaluate import trained_run  # noqa: F401  (the module's trained tiny run)
 

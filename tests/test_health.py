@@ -1,5 +1,5 @@
 """Saddle/plateau detection, LR interventions composed with the schedule, checkpointed detector
-state, and the non-finite step guard (student_trainer.health)."""
+state, and the non-finite step guard (student_trainer.training.health)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from student_trainer.health import HealthConfig, NonFiniteGuard, SaddleDetector, SaddleEvent, TrainingDiverged
-from student_trainer.optim import LRController, OptimConfig, lr_factor
+from student_trainer.training.health import HealthConfig, NonFiniteGuard, SaddleDetector, SaddleEvent, TrainingDiverged
+from student_trainer.training.optim import LRController, OptimConfig, lr_factor
 
 # Short windows so that a trace of ~1500 steps exercises several interventions.
 FAST = dict(ema_beta=0.9, window=50, min_rel_improvement=0.005, max_grad_ratio=1.2, warmup_steps=100,

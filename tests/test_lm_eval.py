@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from student_trainer.evaluate import EvalSettings, evaluate, resolve_checkpoint
-from student_trainer.lm_eval_tasks import TASK, TASK_DATA, LmEvalError, build_dolly_mc, percent_of_teacher, run_lm_eval
-from student_trainer.model import RetNetStudent
-from student_trainer.tokenizer import load_tokenizer
+from student_trainer.evaluation.evaluate import EvalSettings, evaluate
+from student_trainer.training.checkpoint import resolve_checkpoint
+from student_trainer.evaluation.lm_eval_tasks import TASK, TASK_DATA, LmEvalError, build_dolly_mc, percent_of_teacher, run_lm_eval
+from student_trainer.model.student import RetNetStudent
+from student_trainer.data.tokenizer import load_tokenizer
 from tests.conftest import DOLLY, needs_dolly
 from tests.test_evaluate import trained_run  # noqa: F401  (the module's trained tiny run)
 

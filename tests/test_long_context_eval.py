@@ -11,8 +11,8 @@ import torch
 from shared.token_shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, ShardWriter
 from student_trainer.cli import main as cli_main
 from student_trainer.data.shards import PretokenizedShardDataset
-from student_trainer.evaluate import EvaluationError
-from student_trainer.long_context import (
+from student_trainer.evaluation.evaluate import EvaluationError
+from student_trainer.evaluation.long_context import (
     bucket_edges,
     check_student_path,
     long_context_metrics,

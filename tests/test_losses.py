@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from student_trainer.losses import (
+from student_trainer.training.losses import (
     DIVERGENCES,
     REVERSE_KL_LOGPROB_FLOOR,
     LossConfig,
     distillation_loss,
     distillation_loss_from_logits,
 )
-from student_trainer.targets import TeacherTargets
+from student_trainer.teachers.targets import TeacherTargets
 
 NEG_INF = -math.inf
 

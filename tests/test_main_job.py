@@ -60,7 +60,7 @@ def test_a_teacher_started_by_a_killed_process_does_not_outlive_it(tiny_model_di
 
     script = ("import sys, time\n"
               "from pathlib import Path\n"
-              "from student_trainer.teacher_process import LocalTeacher\n"
+              "from student_trainer.teachers.process import LocalTeacher\n"
               f"t = LocalTeacher({str(tiny_model_dir)!r}, Path({str(tmp_path / 'teacher.log')!r})).__enter__()\n"
               "print(t.proc.pid, flush=True)\n"
               "time.sleep(600)\n")

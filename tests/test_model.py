@@ -13,7 +13,7 @@ from safetensors import safe_open
 from torch import nn
 from torchscale.component.rms_norm import RMSNorm
 
-from student_trainer.model import (
+from student_trainer.model.student import (
     EMBED_KEY,
     HEAD_KEY,
     PRESET_PARAM_COUNTS,

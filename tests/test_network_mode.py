@@ -15,8 +15,8 @@ from student_trainer.data.sampler import ShardSampler
 from student_trainer.data.shards import PretokenizedShardDataset, read_manifest
 from student_trainer.teachers import DirectTeacher
 from student_trainer.teachers.network import NetworkTeacher, TeacherMismatch, TeacherUnavailable
-from student_trainer.train import Batch, train
-from student_trainer.teacher_process import free_port
+from student_trainer.training.recipe import Batch, train
+from student_trainer.teachers.process import free_port
 from tests.conftest import start_server
 from tests.test_train import step_losses, tiny_config
 

@@ -13,14 +13,14 @@ import httpx
 import pytest
 import torch
 
-from student_trainer.config import ConfigError, load_config
-from student_trainer.data.batch import Batch
+from student_trainer.training.config import ConfigError, load_config
+from student_trainer.training.batches import Batch
 from student_trainer.data.preprocess import PreprocessConfig, preprocess
-from student_trainer.losses import LossConfig, distillation_loss_from_logits
-from student_trainer.onpolicy import OnPolicySettings, prompts_of, sample_rollout, union_targets
-from student_trainer.targets import TeacherScores, TeacherTargets
+from student_trainer.training.losses import LossConfig, distillation_loss_from_logits
+from student_trainer.training.onpolicy import OnPolicySettings, prompts_of, sample_rollout, union_targets
+from student_trainer.teachers.targets import TeacherScores, TeacherTargets
 from student_trainer.teachers import DirectTeacher
-from student_trainer.train import train
+from student_trainer.training.recipe import train
 from tests.conftest import tiny_student
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -284,7 +284,7 @@ def service(tiny_engine, one_torch_thread, tmp_path_factory):
     """The real app around the real tiny engine in uvicorn (in a thread), scoring at most 6 ids a position."""
     import uvicorn
 
-    from student_trainer.teacher_process import free_port
+    from student_trainer.teachers.process import free_port
     from teacher_server.app import create_app
     from teacher_server.settings import TeacherSettings
 

@@ -1,4 +1,4 @@
-"""Optimisers, schedule, LR controller, gradient clipping and the CUDA allocator default (student_trainer.optim)."""
+"""Optimisers, schedule, LR controller, gradient clipping and the CUDA allocator default (student_trainer.training.optim)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from student_trainer.model import RetNetStudent
-from student_trainer.optim import (
+from student_trainer.model.student import RetNetStudent
+from student_trainer.training.optim import (
     ALLOC_CONF_DEFAULT,
     ALLOC_CONF_VAR,
     LRController,

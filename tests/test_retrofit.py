@@ -14,10 +14,10 @@ import pytest
 import torch
 from torchscale.component.multiscale_retention import theta_shift
 
-from student_trainer.config import ConfigError, load_config
-from student_trainer.evaluate import recurrent_parallel_difference
-from student_trainer.model import RetNetStudent
-from student_trainer.retrofit import (
+from student_trainer.training.config import ConfigError, load_config
+from student_trainer.evaluation.evaluate import recurrent_parallel_difference
+from student_trainer.model.student import RetNetStudent
+from student_trainer.model.retrofit import (
     RetrofitError,
     capture_attention,
     inverse_swish,
@@ -29,7 +29,7 @@ from student_trainer.retrofit import (
     student_config_for,
 )
 from student_trainer.teachers import DirectTeacher
-from student_trainer.train import train
+from student_trainer.training.recipe import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VOCAB = 320  # the tiny teacher's tokenizer; its LM head has padded rows beyond it

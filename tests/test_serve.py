@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from student_trainer.evaluate import stop_ids
+from student_trainer.data.tokenizer import stop_ids
 from student_trainer.serving.app import create_app
 from student_trainer.serving.engine import TextStream
 from student_trainer.serving.loading import LoadedModel, load_model

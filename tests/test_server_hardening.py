@@ -168,7 +168,7 @@ def test_unexpected_error_is_a_json_500_without_the_exception_text_and_keeps_the
     """The real app in a real uvicorn (in a thread), plus one route that fails the way a bug would."""
     import uvicorn
 
-    from student_trainer.teacher_process import free_port
+    from student_trainer.teachers.process import free_port
     from teacher_server.app import create_app
     from teacher_server.settings import TeacherSettings
 

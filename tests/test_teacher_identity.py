@@ -22,8 +22,8 @@ from student_trainer.data.shards import PretokenizedShardDataset, read_manifest
 from student_trainer.teachers import CachedTeacher, DirectTeacher
 from student_trainer.teachers.fallback import FallbackTeacher
 from student_trainer.teachers.network import NetworkTeacher, TeacherMismatch, TeacherRejected, TeacherUnavailable
-from student_trainer.train import Batch, build_teacher, train
-from student_trainer.teacher_process import free_port
+from student_trainer.training.recipe import Batch, build_teacher, train
+from student_trainer.teachers.process import free_port
 from teacher_server.engines.hf import weights_fingerprint
 from tests.conftest import start_server
 from tests.test_network_mode import DelayingProxy, metric_lines

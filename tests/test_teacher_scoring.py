@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from student_trainer.data.shards import read_manifest
-from student_trainer.targets import packed_score_ids
+from student_trainer.teachers.targets import packed_score_ids
 from student_trainer.teachers import DirectTeacher
 from student_trainer.teachers.network import NetworkTeacher, TeacherRejected
 from tests.conftest import TINY_VOCAB, start_server

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from student_trainer.cli import main as cli_main
-from student_trainer.config import ConfigError, load_config
+from student_trainer.training.config import ConfigError, load_config
 from student_trainer.data.preprocess import PreprocessConfig, preprocess
 from student_trainer.teachers import DirectTeacher
-from student_trainer.train import train
+from student_trainer.training.recipe import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -58,7 +58,7 @@ def test_checkpoints_are_complete_and_pruned(tmp_path, tiny_shards, tiny_teacher
     state = json.loads((last / "trainer_state.json").read_text())
     assert state["step"] == 6 and state["sampler"]["position"] == 24 and state["config"]["model_variant"] == "tiny"
     assert state["teacher"]["tokenizer_sha256"] == tiny_teacher.tokenizer_sha256
-    from student_trainer.model import RetNetStudent
+    from student_trainer.model.student import RetNetStudent
 
     assert RetNetStudent.load(last / "model").config.vocab_size == tiny_teacher.vocab_size
 
@@ -132,9 +132,9 @@ def test_accumulated_gradients_with_uneven_masks_equal_one_big_batch(tiny_shards
     import torch
 
     from student_trainer.data.shards import PretokenizedShardDataset
-    from student_trainer.distributed import Distributed
-    from student_trainer.losses import LossConfig
-    from student_trainer.train import Batch, DistillStep, step_row_totals
+    from student_trainer.training.distributed import Distributed
+    from student_trainer.training.losses import LossConfig
+    from student_trainer.training.recipe import Batch, DistillStep, step_row_totals
     from tests.conftest import tiny_student
 
     dataset = PretokenizedShardDataset(tiny_shards, "train")
@@ -206,7 +206,7 @@ def test_a_skipped_last_step_still_stops_saves_and_evaluates(tmp_path, tiny_shar
 
 
 def test_the_total_limit_of_skipped_steps_is_a_setting(tmp_path, tiny_shards, tiny_teacher) -> None:
-    from student_trainer.health import TrainingDiverged
+    from student_trainer.training.health import TrainingDiverged
 
     with nan_at_steps({2, 4}), pytest.raises(TrainingDiverged, match="2 total steps"):
         train(tiny_config(tmp_path, tiny_shards, max_steps=6, max_total_nonfinite_steps=2), teacher=tiny_teacher)

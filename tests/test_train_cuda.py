@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from student_trainer.model import RetNetStudent
+from student_trainer.model.student import RetNetStudent
 from student_trainer.teachers import DirectTeacher
-from student_trainer.train import train
+from student_trainer.training.recipe import train
 from tests.test_train import step_losses, tiny_config
 
 pytestmark = pytest.mark.gpu

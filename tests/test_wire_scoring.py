@@ -188,7 +188,7 @@ def live(tiny_engine, one_torch_thread, tmp_path_factory):
     """The real app around the real tiny engine in a real uvicorn (in a thread): max_score_ids 16."""
     import uvicorn
 
-    from student_trainer.teacher_process import free_port
+    from student_trainer.teachers.process import free_port
     from teacher_server.app import create_app
     from teacher_server.settings import TeacherSettings
 

@@ -24,7 +24,7 @@ from student_trainer.data.python_docs import CORPUS_NAME, write_python_docs
 from student_trainer.data.readers import InputError, file_fingerprint, list_input_files, read_records
 from student_trainer.data.render import DocumentTokenizer
 from student_trainer.data.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, ShardWriter, atomic_write
-from student_trainer.tokenizer import DEFAULT_MODEL_CACHE_DIR, load_tokenizer
+from student_trainer.data.tokenizer import DEFAULT_MODEL_CACHE_DIR, load_tokenizer
 
 
 @dataclass

@@ -20,9 +20,10 @@ from typing import Any
 from safetensors.torch import save_file
 
 from shared.files import fsync_path, replace_folder
-from student_trainer.evaluate import EvaluationError, ResolvedCheckpoint, resolve_checkpoint, stop_ids
-from student_trainer.model import FORMAT_NAME, HEAD_KEY, RetNetStudent
-from student_trainer.tokenizer import DEFAULT_MODEL_CACHE_DIR, load_tokenizer
+from student_trainer.data.tokenizer import stop_ids
+from student_trainer.training.checkpoint import CheckpointNotFound, ResolvedCheckpoint, resolve_checkpoint
+from student_trainer.model.student import FORMAT_NAME, HEAD_KEY, RetNetStudent
+from student_trainer.data.tokenizer import DEFAULT_MODEL_CACHE_DIR, load_tokenizer
 
 TEMPLATES = Path(__file__).resolve().parent
 CODE_FILES = ("configuration_retnet_student.py", "modeling_retnet_student.py")
@@ -81,7 +82,7 @@ def _checkpoint(path: str | Path) -> tuple[ResolvedCheckpoint, RetNetStudent]:
         raise ExportError(f"{path} is not a folder; expected {expected}")
     try:
         resolved = resolve_checkpoint(path)
-    except EvaluationError as exc:
+    except CheckpointNotFound as exc:
         raise ExportError(f"{exc}; expected {expected}") from None
     meta = json.loads((resolved.model_dir / "config.json").read_text())
     if meta.get("model_type") == MODEL_TYPE:

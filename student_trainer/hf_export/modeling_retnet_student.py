@@ -1,6 +1,6 @@
 """A RetNet student as a Hugging Face causal LM, in plain torch (written by ``retnet-distill export``).
 
-It computes what ``student_trainer.model.RetNetStudent`` computes (TorchScale 0.3.0's RetNet decoder with
+It computes what ``student_trainer.model.student.RetNetStudent`` computes (TorchScale 0.3.0's RetNet decoder with
 the project's fixes), without TorchScale: per layer ``x + retention(rms(x))`` then ``x + swiglu(rms(x))``,
 a final RMSNorm and the LM head. Retention is ``o_n = sum_{m<=n} g^(n-m) (q_n . k_m) v_m / sqrt(S_n)``
 with ``S_n = sum_{j<=n} g^j``, rotary-shifted q/k in TorchScale's interleaved layout, a per-head RMS group

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from student_trainer.evaluate import stop_ids
-from student_trainer.model import RecurrentState, RetNetStudent, sample_next_token
+from student_trainer.data.tokenizer import stop_ids
+from student_trainer.model.student import RecurrentState, RetNetStudent, sample_next_token
 
 log = logging.getLogger(__name__)
 

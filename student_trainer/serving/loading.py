@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from student_trainer.evaluate import EvaluationError, resolve_checkpoint
+from student_trainer.training.checkpoint import CheckpointNotFound, resolve_checkpoint
 from student_trainer.hf_export.export import MODEL_TYPE
-from student_trainer.model import EMBED_KEY, HEAD_KEY, RetNetStudent, StudentConfig
-from student_trainer.tokenizer import DEFAULT_MODEL_CACHE_DIR, load_tokenizer
+from student_trainer.model.student import EMBED_KEY, HEAD_KEY, RetNetStudent, StudentConfig
+from student_trainer.data.tokenizer import DEFAULT_MODEL_CACHE_DIR, load_tokenizer
 
 # exported module names -> RetNetStudent's (the inverse of hf_export.export._RENAMES)
 _INVERSE_RENAMES = (
@@ -101,7 +101,7 @@ def load_model(path: str, tokenizer_name: str | None = None, device: str = "cpu"
         try:
             resolved = resolve_checkpoint(folder)
             student = RetNetStudent.load(resolved.model_dir, device=device)
-        except (EvaluationError, ValueError, FileNotFoundError, KeyError) as exc:
+        except (CheckpointNotFound, ValueError, FileNotFoundError, KeyError) as exc:
             raise LoadError(f"{exc}; expected {EXPECTED}") from None
         name = tokenizer_name or resolved.train_config.get("teacher_model")
         if not name:

@@ -6,7 +6,7 @@ from typing import Protocol
 
 import torch
 
-from student_trainer.targets import TeacherTargets
+from student_trainer.teachers.targets import TeacherTargets
 
 
 class TeacherSource(Protocol):

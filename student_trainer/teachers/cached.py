@@ -14,7 +14,7 @@ import torch
 
 from shared.cache_format import CacheMismatch
 from shared.cache_reader import CacheReader
-from student_trainer.targets import TeacherTargets
+from student_trainer.teachers.targets import TeacherTargets
 
 
 class CachedTeacher:

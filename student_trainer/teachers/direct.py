@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from student_trainer.targets import TeacherScores, TeacherTargets, packed_score_ids, unpadded_rows
+from student_trainer.teachers.targets import TeacherScores, TeacherTargets, packed_score_ids, unpadded_rows
 from teacher_server.engines.base import EngineRequest, TopKEngine
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from student_trainer.targets import TeacherScores, TeacherTargets
+from student_trainer.teachers.targets import TeacherScores, TeacherTargets
 from student_trainer.teachers.base import TeacherSource
 from student_trainer.teachers.network import TeacherMismatch, TeacherUnavailable, refuse_or_warn
 

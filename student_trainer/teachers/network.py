@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from shared.wire import MSGPACK, TopKResponse, decode_topk_response, encode_topk_request
-from student_trainer.targets import TeacherScores, TeacherTargets, packed_score_ids, unpadded_rows
+from student_trainer.teachers.targets import TeacherScores, TeacherTargets, packed_score_ids, unpadded_rows
 
 log = logging.getLogger(__name__)
 

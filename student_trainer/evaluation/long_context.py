@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from student_trainer.data.shards import PretokenizedShardDataset
-from student_trainer.evaluate import EvaluationError
-from student_trainer.model import RetNetStudent
+from student_trainer.evaluation.evaluate import EvaluationError
+from student_trainer.model.student import RetNetStudent
 
 DEFAULT_FIRST_EDGE = 512  # default buckets 0-512, 512-2K, 2K-8K, 8K-32K, ... (each edge 4x the last)
 HEAD_CHUNK = 512  # positions per LM-head product: [512, V] logits at a time

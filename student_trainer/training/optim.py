@@ -3,7 +3,7 @@
 Design:
 
 - **Muon + AdamW.** ``torch.optim.Muon`` updates the 2-D weight matrices inside the RetNet blocks
-  (q/k/v/g/out projections, SwiGLU fc1/gate/fc2; see :func:`~student_trainer.model.split_params_for_muon`).
+  (q/k/v/g/out projections, SwiGLU fc1/gate/fc2; see :func:`~student_trainer.model.student.split_params_for_muon`).
   AdamW updates everything else: the embedding (= the tied head), an untied head, norms, biases.
   The original project put the embedding under Muon and clipped ~75x every step; never do that.
 - **One learning rate.** Muon runs with ``adjust_lr_fn="match_rms_adamw"`` (Moonshot's rule,
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from student_trainer.model import HEAD_KEY, split_params_for_muon
+from student_trainer.model.student import HEAD_KEY, split_params_for_muon
 
 OPTIMIZERS = ("muon", "adamw")
 MUON_ADJUST_LR = "match_rms_adamw"  # lets Muon share AdamW's learning rate (see the module docstring)
@@ -186,7 +186,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: floa
 class LRController:
     """Sets every group's ``lr = base_lr * lr_factor(step) * multiplier(step)`` once per step.
 
-    ``multiplier`` is typically :meth:`student_trainer.health.SaddleDetector.multiplier`; because the
+    ``multiplier`` is typically :meth:`student_trainer.training.health.SaddleDetector.multiplier`; because the
     LR is recomputed from ``base_lr`` every step (never from the previous LR), an intervention and the
     schedule compose, and the LR returns to the plain schedule the step the intervention ends.
     ``base_lr`` lives in each param group, so it is saved and restored with the optimiser state.
@@ -229,7 +229,7 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float | None) -
     """Global L2 norm of the gradients *before* clipping; scales them to at most ``max_norm``.
 
     A non-finite norm (NaN/inf) is returned as is and the gradients are left untouched: the step
-    is going to be skipped (see :class:`~student_trainer.health.NonFiniteGuard`), and scaling by
+    is going to be skipped (see :class:`~student_trainer.training.health.NonFiniteGuard`), and scaling by
     ``max_norm / inf`` would only turn the finite gradients into zeros or NaNs. ``max_norm`` ``None``
     or ``0`` measures without clipping. Parameters without a gradient are ignored.
     """

@@ -11,14 +11,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from student_trainer.config import TrainConfig
-from student_trainer.data.batch import Batch
+from student_trainer.training.config import TrainConfig
+from student_trainer.training.batches import Batch
 from student_trainer.data.sampler import ShardSampler
 from student_trainer.data.shards import PretokenizedShardDataset
-from student_trainer.distributed import Distributed
-from student_trainer.losses import LossConfig, LossOutput, distillation_loss
-from student_trainer.model import RetNetStudent
-from student_trainer.targets import TeacherTargets
+from student_trainer.training.distributed import Distributed
+from student_trainer.training.losses import LossConfig, LossOutput, distillation_loss
+from student_trainer.model.student import RetNetStudent
+from student_trainer.teachers.targets import TeacherTargets
 from student_trainer.teachers import TeacherSource
 
 

@@ -19,6 +19,7 @@ import pickle
 import random
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +179,33 @@ def _load_rng(path: Path) -> dict[str, Any]:
         with torch.serialization.safe_globals([core.multiarray._reconstruct, np.ndarray, np.dtype,
                                                type(np.dtype(np.uint32))]):
             return torch.load(path, weights_only=True)
+
+
+class CheckpointNotFound(ValueError):
+    """A path that is neither a run folder, a checkpoint folder nor a saved student; the message says which."""
+
+
+@dataclass
+class ResolvedCheckpoint:
+    model_dir: Path  # folder written by RetNetStudent.save
+    run_dir: Path | None  # the training run (metrics.jsonl lives there), when known
+    train_config: dict[str, Any]  # the run's resolved config ({} for a bare model folder)
+    step: int | None
+
+
+def resolve_checkpoint(path: str | Path) -> ResolvedCheckpoint:
+    """Accept a run folder, a ``checkpoints/step-N`` folder or a bare model folder."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise CheckpointNotFound(f"{path}/checkpoints holds no complete checkpoint; train first or pass a checkpoint folder")
+        path = found[-1]
+    if (path / "model" / "config.json").is_file():
+        state = json.loads((path / STATE_FILE).read_text()) if (path / STATE_FILE).is_file() else {}
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+        return ResolvedCheckpoint(path / "model", run_dir, state.get("config", {}), state.get("step"))
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return ResolvedCheckpoint(path, None, {}, None)
+    raise CheckpointNotFound(f"{path} is not a run folder, a checkpoint folder (with model/) or a saved student "
+                          "(config.json + model.safetensors); pass e.g. runs/cpu or runs/cpu/checkpoints/step-00000200")

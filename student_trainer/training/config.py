@@ -193,7 +193,7 @@ class TrainConfig:
                               "teacher_mode=direct or network (with teacher_fallback: [direct]), or onpolicy_fraction=0")
 
     def _check_chunking(self) -> None:
-        from student_trainer.model_config import PRESETS, StudentConfig
+        from student_trainer.model.config import PRESETS, StudentConfig
 
         if self.recurrent_chunk_size is not None and self.recurrent_chunk_size < 1:
             raise ConfigError(f"recurrent_chunk_size must be >= 1 (or null: the preset's), found {self.recurrent_chunk_size}")

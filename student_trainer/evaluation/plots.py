@@ -56,7 +56,7 @@ def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
 
 def _generation_panel(ax: Any, generation: dict[str, dict[str, Any]]) -> None:
     """Bars of the generation metrics of each model in ``generation`` (``{"student": {...}, ...}``)."""
-    from student_trainer.generation_quality import GENERATION_METRICS
+    from student_trainer.evaluation.generation_quality import GENERATION_METRICS
 
     who = [name for name in ("student", "teacher") if name in generation]
     width = 0.8 / max(len(who), 1)

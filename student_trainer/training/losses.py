@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from student_trainer.targets import TeacherTargets
+from student_trainer.teachers.targets import TeacherTargets
 
 DIVERGENCES = ("forward", "reverse", "skew", "jsd")
 # Reverse KL is infinite where the student has mass and the teacher has none (a -inf tail). A floor on

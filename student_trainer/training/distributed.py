@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from student_trainer.checkpoint import checkpoints_dir, save_checkpoint
+from student_trainer.training.checkpoint import checkpoints_dir, save_checkpoint
 
 log = logging.getLogger(__name__)
 STRATEGIES = ("ddp", "fsdp2")

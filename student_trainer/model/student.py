@@ -1,6 +1,6 @@
 """The RetNet student: TorchScale 0.3.0's ``RetNetDecoder`` with the fixes of DESIGN.md section 6.
 
-What is patched (by subclassing, in :mod:`student_trainer.retention`; TorchScale's own code does the rest):
+What is patched (by subclassing, in :mod:`student_trainer.model.retention`; TorchScale's own code does the rest):
 
 - One retention function, three ways to compute it: parallel (O(L^2) per layer), chunkwise (our own,
   O(L * chunk)) and recurrent (O(1) per token) all compute TorchScale's recurrent form
@@ -43,8 +43,8 @@ from torch import nn
 from torchscale.architecture.config import RetNetConfig
 
 from shared.files import fsync_path, replace_folder
-from student_trainer.model_config import PRESET_PARAM_COUNTS, PRESETS, StudentConfig, count_parameters
-from student_trainer.retention import Decoder
+from student_trainer.model.config import PRESET_PARAM_COUNTS, PRESETS, StudentConfig, count_parameters
+from student_trainer.model.retention import Decoder
 
 __all__ = ["PRESETS", "PRESET_PARAM_COUNTS", "RecurrentState", "RetNetStudent", "StudentConfig",
            "count_parameters", "sample_next_token", "split_params_for_muon"]

@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from shared.fingerprint import tokenizer_sha256
-from student_trainer.config import ConfigError, load_dataclass_config
+from student_trainer.training.config import ConfigError, load_dataclass_config
 from student_trainer.data.sampler import ShardSampler
 from student_trainer.data.shards import PretokenizedShardDataset, collate_rows, read_manifest
-from student_trainer.telemetry import Telemetry, memory_metrics
+from student_trainer.training.telemetry import Telemetry, memory_metrics
 from teacher_server.engines.hf import pick_device, weights_fingerprint
 from teacher_server.engines.model_source import ModelSource, model_name, resolve_model
 
@@ -266,9 +266,9 @@ def seed_everything(seed: int) -> None:
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Warmup + cosine, the student's schedule (:func:`student_trainer.optim.lr_factor`)."""
-    # Imported here: student_trainer.optim pulls in TorchScale (~2 s), which only this number needs.
-    from student_trainer.optim import lr_factor as schedule
+    """Warmup + cosine, the student's schedule (:func:`student_trainer.training.optim.lr_factor`)."""
+    # Imported here: student_trainer.training.optim pulls in TorchScale (~2 s), which only this number needs.
+    from student_trainer.training.optim import lr_factor as schedule
 
     return schedule(step, warmup_steps, total_steps, min_lr_ratio)
 

@@ -11,7 +11,7 @@ rows of a shard set:
 
 and writes ``report.json`` plus ``curves.png`` from the run's ``metrics.jsonl``. With ``--context N`` the
 report also has a ``long_context`` section: loss by position bucket on rows of N tokens
-(:mod:`student_trainer.long_context`).
+(:mod:`student_trainer.evaluation.long_context`).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import torch
 
 from shared.files import atomic_write
 from shared.token_shards import read_manifest
-from student_trainer.checkpoint import STATE_FILE, list_checkpoints
+from student_trainer.training.checkpoint import ResolvedCheckpoint, resolve_checkpoint
 from student_trainer.data.sampler import ShardSampler
 from student_trainer.data.shards import PretokenizedShardDataset
-from student_trainer.model import RetNetStudent
-from student_trainer.tokenizer import DEFAULT_MODEL_CACHE_DIR
+from student_trainer.model.student import RetNetStudent
+from student_trainer.data.tokenizer import DEFAULT_MODEL_CACHE_DIR, stop_ids
 
 DEFAULT_PROMPTS = (
     "What does the Python statement `pass` do?",
@@ -62,48 +62,22 @@ class EvalSettings:
     seed: int = 0
     output_dir: str | None = None  # None: <run>/eval
     model_cache_dir: str = DEFAULT_MODEL_CACHE_DIR
-    # Long-context evaluation (student_trainer/long_context.py); None: none (the report has no long_context).
+    # Long-context evaluation (student_trainer/evaluation/long_context.py); None: none (the report has no long_context).
     context: int | None = None  # tokens per long row; may exceed the student's training context
     buckets: list[int] | None = None  # inner position edges of the loss table; None: 512, 2048, 8192, ... (x4)
     context_rows: int = 1  # long rows to score (fewer when the split holds fewer)
-    # lm-evaluation-harness (student_trainer/lm_eval_tasks.py) on the teacher and the exported student;
+    # lm-evaluation-harness (student_trainer/evaluation/lm_eval_tasks.py) on the teacher and the exported student;
     # None: not run. [] : the local task. lm_eval_limit: items per task (None: all).
     lm_eval_tasks: list[str] | None = None
     lm_eval_limit: int | None = None
-
-
-@dataclass
-class ResolvedCheckpoint:
-    model_dir: Path  # folder written by RetNetStudent.save
-    run_dir: Path | None  # the training run (metrics.jsonl lives there), when known
-    train_config: dict[str, Any]  # the run's resolved config ({} for a bare model folder)
-    step: int | None
-
-
-def resolve_checkpoint(path: str | Path) -> ResolvedCheckpoint:
-    """Accept a run folder, a ``checkpoints/step-N`` folder or a bare model folder."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        found = list_checkpoints(path)
-        if not found:
-            raise EvaluationError(f"{path}/checkpoints holds no complete checkpoint; train first or pass a checkpoint folder")
-        path = found[-1]
-    if (path / "model" / "config.json").is_file():
-        state = json.loads((path / STATE_FILE).read_text()) if (path / STATE_FILE).is_file() else {}
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-        return ResolvedCheckpoint(path / "model", run_dir, state.get("config", {}), state.get("step"))
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return ResolvedCheckpoint(path, None, {}, None)
-    raise EvaluationError(f"{path} is not a run folder, a checkpoint folder (with model/) or a saved student "
-                          "(config.json + model.safetensors); pass e.g. runs/cpu or runs/cpu/checkpoints/step-00000200")
 
 
 def resolve_data(settings: EvalSettings, checkpoint: ResolvedCheckpoint) -> Path:
     """The shard folder: ``--data``, else the run's own training data (python-docs is built if missing)."""
     if settings.data and settings.data != "python-docs":
         return Path(settings.data)
-    from student_trainer.config import TrainConfig
-    from student_trainer.train import prepare_data
+    from student_trainer.training.config import TrainConfig
+    from student_trainer.training.recipe import prepare_data
 
     known = {k: v for k, v in checkpoint.train_config.items() if k in ("train_data", "data_dir", "max_seq_length",
                                                                         "teacher_model", "model_cache_dir")}
@@ -184,16 +158,6 @@ def chat_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-def stop_ids(tokenizer: Any) -> set[int]:
-    """Ids that end an answer: EOS and the chat template's end-of-turn token when it has one."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id >= 0:
-            ids.add(token_id)
-    return ids
-
-
 @torch.no_grad()
 def student_answer(student: RetNetStudent, tokenizer: Any, prompt: str, max_new_tokens: int, temperature: float,
                    top_p: float, seed: int, device: torch.device) -> tuple[str, list[int], float]:
@@ -271,7 +235,7 @@ def evaluate(settings: EvalSettings, progress: Any = None) -> dict[str, Any]:
     dataset = PretokenizedShardDataset(data_dir, split)
     long_context = None  # first: a context the data cannot fill fails before the rest runs
     if settings.context is not None:
-        from student_trainer.long_context import long_context_metrics
+        from student_trainer.evaluation.long_context import long_context_metrics
 
         say(f"long-context loss on rows of {settings.context} tokens")
         long_context = long_context_metrics(student, teacher_lm, dataset, engine.vocab_size, settings.context,
@@ -296,7 +260,7 @@ def evaluate(settings: EvalSettings, progress: Any = None) -> dict[str, Any]:
         generated["student"].append(student_ids)
         generated["teacher"].append(teacher_ids)
     say("scoring the generations with the teacher")
-    from student_trainer.generation_quality import generation_metrics
+    from student_trainer.evaluation.generation_quality import generation_metrics
 
     generation = {who: generation_metrics(teacher_lm, engine.vocab_size, generated["prompts"], generated[who])
                   for who in ("student", "teacher")}
@@ -315,7 +279,7 @@ def evaluate(settings: EvalSettings, progress: Any = None) -> dict[str, Any]:
         report["lm_eval"] = lm_eval_report(settings, checkpoint, teacher_name, out_dir, say)
     metrics_file = checkpoint.run_dir / "metrics.jsonl" if checkpoint.run_dir else None
     if metrics_file is not None and metrics_file.is_file():
-        from student_trainer.plots import plot_training_curves
+        from student_trainer.evaluation.plots import plot_training_curves
 
         say("plotting training curves")
         report["curves_png"] = str(plot_training_curves(metrics_file, out_dir / "curves.png",
@@ -334,7 +298,7 @@ def lm_eval_report(settings: EvalSettings, checkpoint: ResolvedCheckpoint, teach
     import tempfile
 
     from student_trainer.hf_export.export import export
-    from student_trainer.lm_eval_tasks import percent_of_teacher, run_lm_eval
+    from student_trainer.evaluation.lm_eval_tasks import percent_of_teacher, run_lm_eval
     from teacher_server.engines.model_source import resolve_model
 
     tasks = settings.lm_eval_tasks or None

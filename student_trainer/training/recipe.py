@@ -4,11 +4,11 @@
 One optimiser step = ``grad_accum_steps`` micro-batches; each micro-batch gets teacher targets
 from the configured source, runs the student's parallel forward to hidden states and the chunked
 distillation loss (LM head included), and accumulates gradients. With ``attention_transfer_steps``
-the first steps are stage 1 of the retrofit (:mod:`student_trainer.attention_transfer`); with
+the first steps are stage 1 of the retrofit (:mod:`student_trainer.training.attention_transfer`); with
 ``onpolicy_fraction`` some KD steps train on the student's own continuations of the rows' prompts,
-scored by the teacher (:mod:`student_trainer.onpolicy`). The step's pieces live in
-:mod:`student_trainer.distill_step`. Under ``torchrun`` every rank does this on its own rows (see
-:mod:`student_trainer.distributed`); rank 0 writes the files.
+scored by the teacher (:mod:`student_trainer.training.onpolicy`). The step's pieces live in
+:mod:`student_trainer.training.distill_step`. Under ``torchrun`` every rank does this on its own rows (see
+:mod:`student_trainer.training.distributed`); rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -26,24 +26,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from student_trainer.attention_transfer import AttentionTransfer, set_stage_trainable
-from student_trainer.checkpoint import load_checkpoint, resolve_resume
-from student_trainer.config import TrainConfig, config_to_dict
-from student_trainer.data.batch import Batch, UpcomingBatches
+from student_trainer.training.attention_transfer import AttentionTransfer, set_stage_trainable
+from student_trainer.training.checkpoint import load_checkpoint, resolve_resume
+from student_trainer.training.config import TrainConfig, config_to_dict
+from student_trainer.training.batches import Batch, UpcomingBatches
 from student_trainer.data.sampler import ShardSampler
 from student_trainer.data.shards import PretokenizedShardDataset, read_manifest
-from student_trainer.distill_step import DistillStep, Evaluator, combine_micro_metrics, step_row_totals
-from student_trainer.distributed import Distributed
-from student_trainer.health import HealthConfig, NonFiniteGuard, SaddleDetector
-from student_trainer.losses import LossConfig
-from student_trainer.model import RetNetStudent, StudentConfig
-from student_trainer.onpolicy import OnPolicy, OnPolicySettings
-from student_trainer.optim import LRController, OptimConfig, build_optimizers, clip_grad_norm, configure_cuda_allocator
+from student_trainer.training.distill_step import DistillStep, Evaluator, combine_micro_metrics, step_row_totals
+from student_trainer.training.distributed import Distributed
+from student_trainer.training.health import HealthConfig, NonFiniteGuard, SaddleDetector
+from student_trainer.training.losses import LossConfig
+from student_trainer.model.student import RetNetStudent, StudentConfig
+from student_trainer.training.onpolicy import OnPolicy, OnPolicySettings
+from student_trainer.training.optim import LRController, OptimConfig, build_optimizers, clip_grad_norm, configure_cuda_allocator
 from student_trainer.teachers import CachedTeacher, DirectTeacher, TeacherSource
 from student_trainer.teachers.fallback import FallbackTeacher
 from student_trainer.teachers.network import (NetworkTeacher, TeacherError, TeacherMismatch, TeacherUnavailable,
                                               refuse_or_warn)
-from student_trainer.telemetry import Telemetry, memory_metrics
+from student_trainer.training.telemetry import Telemetry, memory_metrics
 from teacher_server.engines.model_source import model_name
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def retrofit_teacher(config: TrainConfig, teacher: TeacherSource, tokenizer_sha2
     engine = getattr(teacher, "engine", None)
     if engine is not None and hasattr(engine, "model"):
         return engine.model, False
-    from student_trainer.retrofit import load_teacher_lm
+    from student_trainer.model.retrofit import load_teacher_lm
     from teacher_server.engines.hf import pick_device
 
     teacher_lm, _, sha = load_teacher_lm(config.teacher_model, config.model_cache_dir, pick_device(config.teacher_device))
@@ -174,7 +174,7 @@ def build_retrofitted_student(config: TrainConfig, teacher_lm: nn.Module, datase
                               device: torch.device) -> tuple[RetNetStudent, dict[str, Any]]:
     """A student of the teacher's shape with its weights (``student_init=teacher``), the output gates
     fitted on the first ``retrofit_calibration_rows`` training rows; returns it and the step-0 report."""
-    from student_trainer.retrofit import retrofit
+    from student_trainer.model.retrofit import retrofit
 
     order = ShardSampler(len(dataset), shuffle=False)
     calibration = Batch.from_rows([dataset[i] for i in order.take(min(config.retrofit_calibration_rows, len(dataset)))])
@@ -279,7 +279,7 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
     elif config.student_init == "teacher":
         model, retrofit_report = build_retrofitted_student(config, teacher_lm, train_set, device)
     elif config.student_init == "teacher_shape":  # the retrofit's ablation: the shape without the weights
-        from student_trainer.retrofit import student_config_for
+        from student_trainer.model.retrofit import student_config_for
 
         model = RetNetStudent(student_config_for(teacher_lm, config.retrofit_layers, config.retrofit_group_norm_eps,
                                                  **student_behaviour(config))).to(device)
@@ -503,13 +503,13 @@ def resumed_step(checkpoint: Path | None) -> int:
         return 0
     import json
 
-    from student_trainer.checkpoint import STATE_FILE
+    from student_trainer.training.checkpoint import STATE_FILE
 
     return int(json.loads((checkpoint / STATE_FILE).read_text())["step"])
 
 
 def retrofit_layer_map(config: TrainConfig, teacher_lm: nn.Module) -> list[int]:
     """The teacher layer each student layer was copied from."""
-    from student_trainer.retrofit import resolve_layers, teacher_backbone
+    from student_trainer.model.retrofit import resolve_layers, teacher_backbone
 
     return resolve_layers(config.retrofit_layers, len(teacher_backbone(teacher_lm).layers))

@@ -15,7 +15,7 @@ LLAMA3_VOCAB = 128_256
 
 @dataclass
 class StudentConfig:
-    """Shape and behaviour of a :class:`~student_trainer.model.RetNetStudent`.
+    """Shape and behaviour of a :class:`~student_trainer.model.student.RetNetStudent`.
 
     ``d_model`` is split into ``n_heads`` query/key heads of ``d_model // n_heads`` dims (must be
     even: the rotary position shift rotates pairs) and ``value_dim`` into ``n_heads`` value heads.

@@ -14,7 +14,7 @@ A Llama-family causal LM (Llama, SmolLM2, Mistral, Qwen2: RMSNorm, SwiGLU, RoPE,
 
 What the teacher does not have is learned: the retention decay replaces softmax, and the swish output
 gate ``g_proj`` (no bias) starts from a closed-form fit (:func:`init_output_gates`). Then stage 1
-(:mod:`student_trainer.attention_transfer`) trains the retention projections to reproduce each
+(:mod:`student_trainer.training.attention_transfer`) trains the retention projections to reproduce each
 layer's attention output.
 """
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from student_trainer.model import RetNetStudent, StudentConfig
+from student_trainer.model.student import RetNetStudent, StudentConfig
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,10 @@ from typing import Any, Callable
 
 import torch
 
-from student_trainer.evaluate import resolve_checkpoint, stop_ids
-from student_trainer.model import RecurrentState, RetNetStudent, sample_next_token
-from student_trainer.tokenizer import DEFAULT_MODEL_CACHE_DIR, load_tokenizer
+from student_trainer.data.tokenizer import stop_ids
+from student_trainer.training.checkpoint import resolve_checkpoint
+from student_trainer.model.student import RecurrentState, RetNetStudent, sample_next_token
+from student_trainer.data.tokenizer import DEFAULT_MODEL_CACHE_DIR, load_tokenizer
 
 
 @dataclass

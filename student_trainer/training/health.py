@@ -6,7 +6,7 @@ DESIGN.md section 8. The original project's detector compared raw values with ab
 - every signal is *relative*: the smoothed loss against itself ``window`` updates ago, the smoothed
   gradient norm against the median of its own recent history;
 - an intervention is a multiplier, :meth:`SaddleDetector.multiplier`, that
-  :class:`~student_trainer.optim.LRController` multiplies into the scheduled LR every step, so the
+  :class:`~student_trainer.training.optim.LRController` multiplies into the scheduled LR every step, so the
   two compose and the boost ends exactly when it should;
 - the whole detector state (EMAs, histories, events) is a JSON-able dict, checkpointed with the run.
 

@@ -32,16 +32,16 @@ from typing import Any
 
 import torch
 
-from student_trainer.data.batch import Batch
-from student_trainer.losses import LossConfig
-from student_trainer.model import RetNetStudent, sample_next_token
-from student_trainer.targets import PAD_INDEX, PAD_LOGPROB, TeacherScores, TeacherTargets
+from student_trainer.training.batches import Batch
+from student_trainer.training.losses import LossConfig
+from student_trainer.model.student import RetNetStudent, sample_next_token
+from student_trainer.teachers.targets import PAD_INDEX, PAD_LOGPROB, TeacherScores, TeacherTargets
 from student_trainer.teachers.base import TeacherSource
 
 
 @dataclass
 class OnPolicySettings:
-    """The ``onpolicy_*`` keys of a run (see :class:`student_trainer.config.TrainConfig`)."""
+    """The ``onpolicy_*`` keys of a run (see :class:`student_trainer.training.config.TrainConfig`)."""
 
     fraction: float
     max_new_tokens: int

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from student_trainer.model import RetNetStudent
-from student_trainer.retrofit import valid_rows, capture_attention, retention_output
+from student_trainer.model.student import RetNetStudent
+from student_trainer.model.retrofit import valid_rows, capture_attention, retention_output
 
 TRANSFER_LOSSES = ("relative", "mse")
 RETENTION_PARAMETER = ".retention."

@@ -4,7 +4,7 @@ Row ``t`` of a sequence ``x_0..x_{L-1}`` is the teacher's distribution over the 
 (``p(. | x_0..x_t)``), which is exactly what the student's ``logits[:, t]`` predicts: nothing here
 shifts. Padding (rows beyond a sequence's length, or entries beyond the teacher's k) uses index 0,
 log-prob ``-inf`` and tail ``-inf``, so that it carries zero teacher mass and contributes exactly zero
-to the losses in :mod:`student_trainer.losses`.
+to the losses in :mod:`student_trainer.training.losses`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Evaluation, long context, generation, plots, lm-evaluation-harness."""

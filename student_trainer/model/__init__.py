@@ -1,0 +1,1 @@
+"""The RetNet student, its config, retention, retrofit and Hugging Face export."""

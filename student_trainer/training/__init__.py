@@ -1,0 +1,1 @@
+"""The training recipe, losses, optimisers, health, checkpoints, distributed, telemetry."""
