@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -487,3 +489,36 @@ def test_idle_prefill_forwards_hold_at_most_prefill_batch_tokens(loaded):
     for i, generation in enumerate(generations):
         want = greedy_ids(loaded, ids[i:i + 30], 3)
         assert generation.stream.ids == want
+
+
+GLIBC_RETENTION_PROBE = """
+import sys
+import numpy as np
+from student_trainer.serving.app import set_malloc_mmap_threshold
+print(set_malloc_mmap_threshold(int(sys.argv[1])))
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+big = np.ones(16 << 20, np.uint8); del big  # freeing a 16 MB mmapped block raises glibc's adaptive threshold
+base = rss()
+kept, blocks = [], []
+for _ in range(32):  # 128 MB of 4 MB activations, each followed by a small live object (as in a forward)
+    blocks.append(np.ones(4 << 20, np.uint8)); kept.append(bytearray(4096))
+del blocks
+print((rss() - base) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_a_fixed_mmap_threshold_returns_freed_activations_to_the_os() -> None:
+    """Why the server fixes glibc's mmap threshold: with the adaptive one, freed blocks below the largest
+    block freed so far stay in the heap (RSS keeps them); with it fixed at 1 MiB they go back to the OS."""
+    def retained(threshold: int) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", GLIBC_RETENTION_PROBE, str(threshold)], capture_output=True,
+                             text=True, check=True).stdout.split()
+        return out[0], int(out[1])
+
+    assert retained(0) == ("False", pytest.approx(128, abs=8))  # glibc's default: the heap keeps the 128 MB
+    applied, kept_mb = retained(1 << 20)
+    assert applied == "True" and kept_mb <= 4
+    with pytest.raises(ValueError, match="malloc_mmap_threshold"):
+        ServeSettings(checkpoint="x", malloc_mmap_threshold=64 << 20)  # above glibc's 32 MiB limit
