@@ -24,10 +24,11 @@ Log-prob grid (``topk_coded``), with ``x = -logprob >= 0``, ``step`` and ``knee`
 so the top of a row (``x`` near 0) is as fine as ``step`` and the error grows only where the mass
 is small (``p * |dlogp|`` falls like ``x * exp(-x)``).
 
-Layout: a 44-byte header ``<4sBBHIIffHH5I`` = magic ``RDTC``, version, kind, k, rows, vocab_size,
-step, knee, n (sampled), index bytes (2 or 3), section sizes, then a CRC32 (over header and
-payload) and the payload: five zstd frames (row lengths, id deltas as byte planes, log-prob codes
-as byte planes, tail float32 as byte planes, counts). :func:`decode` checks the magic, version,
+Layout: a 44-byte header ``<4sBBHIIffHBB5I`` = magic ``RDTC``, version, kind, k, rows, vocab_size,
+step, knee, n (sampled), index bytes (2 or 3), raw-section flags, section sizes, then a CRC32 (over
+header and payload) and the payload: five sections (row lengths, id deltas as byte planes, log-prob
+codes as byte planes, tail float32 as byte planes, counts), each a zstd frame, or the raw bytes
+where zstd would not make them smaller (flag bit ``i``), or nothing when empty. :func:`decode` checks the magic, version,
 sizes, the CRC, every frame's length, row lengths <= k, ids ascending and < vocab_size, counts
 summing to ``n``, and raises :class:`TargetCodecError` on any mismatch, so corrupt bytes are
 refused, never decoded into wrong targets.
@@ -49,7 +50,7 @@ MAGIC = b"RDTC"
 VERSION = 1
 KINDS = {"topk_coded": 1, "sampled": 2}
 _KIND_NAMES = {v: k for k, v in KINDS.items()}
-_HEADER = struct.Struct("<4sBBHIIffHH5I")
+_HEADER = struct.Struct("<4sBBHIIffHBB5I")
 _CRC = struct.Struct("<I")
 HEADER_BYTES = _HEADER.size + _CRC.size
 DEFAULT_STEP = 1.0 / 16.0
@@ -155,11 +156,19 @@ def _delta_code(ids: np.ndarray, starts: np.ndarray, nbytes: int) -> bytes:
     return _planes(deltas, nbytes)
 
 
-def _frame(data: bytes, level: int) -> bytes:
-    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+def _frame(data: bytes, level: int) -> tuple[bytes, bool]:
+    """``(stored bytes, raw)``: a zstd frame, or ``data`` itself when that is no longer (small sections)."""
+    if not data:
+        return b"", True
+    frame = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+    return (data, True) if len(frame) >= len(data) else (frame, False)
 
 
-def _unframe(frame: bytes, expected: int, what: str) -> bytes:
+def _unframe(frame: bytes, expected: int, what: str, raw: bool = False) -> bytes:
+    if raw:
+        if len(frame) != expected:
+            raise TargetCodecError(f"coded targets: the {what} section holds {len(frame)} bytes, expected {expected}")
+        return frame
     try:
         data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected)
     except zstandard.ZstdError as exc:
@@ -171,10 +180,11 @@ def _unframe(frame: bytes, expected: int, what: str) -> bytes:
 
 def _pack(kind: str, k: int, rows: int, vocab_size: int, step: float, knee: float, n: int,
           sections: list[bytes], level: int) -> bytes:
-    frames = [_frame(s, level) for s in sections]
+    stored = [_frame(s, level) for s in sections]
+    flags = sum(1 << i for i, (_, raw) in enumerate(stored) if raw)
     header = _HEADER.pack(MAGIC, VERSION, KINDS[kind], k, rows, vocab_size, step, knee, n,
-                          index_bytes(vocab_size), *(len(f) for f in frames))
-    payload = b"".join(frames)
+                          index_bytes(vocab_size), flags, *(len(f) for f, _ in stored))
+    payload = b"".join(f for f, _ in stored)
     return header + _CRC.pack(zlib.crc32(payload, zlib.crc32(header))) + payload
 
 
@@ -223,6 +233,7 @@ def encode_topk(indices: np.ndarray, logprobs: np.ndarray, tail_logprob: np.ndar
     """
     indices, logprobs = np.asarray(indices), np.asarray(logprobs)
     tail = np.asarray(tail_logprob, dtype=np.float32)
+    step, knee = float(np.float32(step)), float(np.float32(knee))  # as the header stores them
     _check_inputs(indices, logprobs, vocab_size)
     rows, k = indices.shape
     if tail.shape != (rows,) or np.isnan(tail).any() or (tail > _POSITIVE_TOLERANCE).any():
@@ -299,8 +310,8 @@ def read_header(block: bytes) -> dict:
         raise TargetCodecError(f"coded targets: {len(block)} bytes, shorter than the {HEADER_BYTES}-byte header "
                                "(truncated)")
     fields = _HEADER.unpack_from(block)
-    magic, version, kind, k, rows, vocab, step, knee, n, nbytes = fields[:10]
-    sizes = list(fields[10:])
+    magic, version, kind, k, rows, vocab, step, knee, n, nbytes, flags = fields[:11]
+    sizes = list(fields[11:])
     if magic != MAGIC:
         raise TargetCodecError(f"coded targets: magic {magic!r}, expected {MAGIC!r} (not a target block)")
     if version != VERSION:
@@ -315,10 +326,10 @@ def read_header(block: bytes) -> dict:
     payload = memoryview(block)[HEADER_BYTES:]
     if zlib.crc32(payload, zlib.crc32(memoryview(block)[:_HEADER.size])) != crc:
         raise TargetCodecError("coded targets: CRC32 mismatch, the bytes were altered; rewrite or resend them")
-    if nbytes != index_bytes(vocab) or (kind == KINDS["sampled"] and n != k):
+    if nbytes != index_bytes(vocab) or (kind == KINDS["sampled"] and n != k) or flags >> 5:
         raise TargetCodecError(f"coded targets: inconsistent header (index bytes {nbytes}, vocab {vocab}, n {n}, k {k})")
     return {"kind": _KIND_NAMES[kind], "k": k, "rows": rows, "vocab_size": vocab, "step": step, "knee": knee,
-            "n": n, "index_bytes": nbytes, "sizes": sizes}
+            "n": n, "index_bytes": nbytes, "sizes": sizes, "raw": [bool(flags >> i & 1) for i in range(5)]}
 
 
 def decode(block: bytes, order: str = "rank") -> Targets:
@@ -335,19 +346,19 @@ def decode(block: bytes, order: str = "rank") -> Targets:
         raise ValueError(f"order must be 'rank' or 'id', found {order!r}")
     h = read_header(block)
     rows, k, vocab, nbytes = h["rows"], h["k"], h["vocab_size"], h["index_bytes"]
-    sampled = h["kind"] == "sampled"
+    sampled, raw = h["kind"] == "sampled", h["raw"]
     frames, at = [], HEADER_BYTES
     for size in h["sizes"]:
         frames.append(block[at: at + size])
         at += size
     length_dtype = "<u1" if k <= 255 else "<u2"
-    lengths = np.frombuffer(_unframe(frames[0], rows * np.dtype(length_dtype).itemsize, "row lengths"),
+    lengths = np.frombuffer(_unframe(frames[0], rows * np.dtype(length_dtype).itemsize, "row lengths", raw[0]),
                             dtype=length_dtype)
     if lengths.size and int(lengths.max()) > k:
         raise TargetCodecError(f"coded targets: a row holds {int(lengths.max())} entries, more than k={k}")
     starts = _row_starts(lengths)
     total = int(starts[-1])
-    deltas = _unplanes(_unframe(frames[1], total * nbytes, "ids"), total, nbytes, "<i4")
+    deltas = _unplanes(_unframe(frames[1], total * nbytes, "ids", raw[1]), total, nbytes, "<i4")
     firsts = starts[:-1][lengths > 0]
     if np.count_nonzero(deltas == 0) != np.count_nonzero(deltas[firsts] == 0):
         raise TargetCodecError("coded targets: a row's ids are not strictly ascending (repeated id)")
@@ -356,18 +367,18 @@ def decode(block: bytes, order: str = "rank") -> Targets:
     if total and int(ids[starts[1:][lengths > 0] - 1].max()) >= vocab:
         raise TargetCodecError(f"coded targets: an id is >= vocab_size {vocab}")
     if sampled:
-        counts = np.frombuffer(_unframe(frames[4], total, "counts"), dtype=np.uint8)
+        counts = np.frombuffer(_unframe(frames[4], total, "counts", raw[4]), dtype=np.uint8)
         sums = np.add.reduceat(counts.astype(np.int64), firsts) if total else np.zeros(0, np.int64)
         if len(firsts) != rows or (sums != h["n"]).any() or (counts == 0).any():
             raise TargetCodecError(f"coded targets: sampled counts must be >= 1 and sum to n={h['n']} in every row")
         rank_codes, table = 255 - counts, _count_table(h["n"])
         tail = np.full(rows, -np.inf, dtype=np.float32)
     else:
-        rank_codes = _unplanes(_unframe(frames[2], total * 2, "log-prob codes"), total, 2, "<u2")
+        rank_codes = _unplanes(_unframe(frames[2], total * 2, "log-prob codes", raw[2]), total, 2, "<u2")
         if total and int(rank_codes.max()) > _MAX_CODE:
             raise TargetCodecError(f"coded targets: a log-prob code is above {_MAX_CODE}")
         table = _code_table(float(np.float32(h["step"])), float(np.float32(h["knee"])))
-        tail = _unplanes(_unframe(frames[3], rows * 4, "tail"), rows, 4, "<f4")
+        tail = _unplanes(_unframe(frames[3], rows * 4, "tail", raw[3]), rows, 4, "<f4")
         if np.isnan(tail).any() or (tail > _POSITIVE_TOLERANCE).any():
             raise TargetCodecError("coded targets: the tail holds NaN or positive log-probs")
     # One key per entry, (rank code << shift) | id, so a single integer sort orders a row by descending

@@ -146,16 +146,17 @@ def test_every_truncation_and_extension_is_refused(kind):
 
 def _reheader(block: bytes, **changes) -> bytes:
     """The block with header fields changed and a *valid* CRC: only the structural checks can catch it."""
-    names = ["magic", "version", "kind", "k", "rows", "vocab", "step", "knee", "n", "nbytes", "s0", "s1", "s2", "s3", "s4"]
-    fields = dict(zip(names, struct.unpack_from("<4sBBHIIffHH5I", block)))
+    names = ["magic", "version", "kind", "k", "rows", "vocab", "step", "knee", "n", "nbytes", "flags",
+             "s0", "s1", "s2", "s3", "s4"]
+    fields = dict(zip(names, struct.unpack_from("<4sBBHIIffHBB5I", block)))
     fields.update(changes)
-    header = struct.pack("<4sBBHIIffHH5I", *fields.values())
+    header = struct.pack("<4sBBHIIffHBB5I", *fields.values())
     payload = block[tc.HEADER_BYTES:]
     return header + struct.pack("<I", zlib.crc32(payload, zlib.crc32(header))) + payload
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"rows": 5}, "row lengths section holds"),          # wrong row count
+    ({"rows": 5}, "row lengths section"),                # wrong row count
     ({"k": 2}, "more than k=2"),                         # rows longer than k
     ({"vocab": 40000}, "id is >= vocab_size"),           # ids out of range (the block has ids near 49151)
     ({"version": 9}, "version 9"),
@@ -177,6 +178,21 @@ def test_sampled_counts_must_sum_to_n():
         tc.decode(_reheader(block, k=4, n=4))
 
 
+def test_peaked_realistic_rows_code_far_below_q8():
+    """500 rows of k = 64 from peaked distributions over a 49K vocab with frequent low ids."""
+    rng = np.random.default_rng(5)
+    rows, k, vocab = 500, 64, 49152
+    ids = np.stack([rng.choice(vocab, k, replace=False, p=None) if r % 2 else
+                    np.minimum(rng.choice(4000, k, replace=False), vocab - 1) for r in range(rows)])
+    logits = rng.normal(0, 1, (rows, k)) - 3 * np.arange(k) ** 0.5
+    logp = (logits - np.logaddexp.reduce(logits, axis=1, keepdims=True) - 0.01).astype(np.float32)
+    tail = np.full(rows, np.log1p(-np.exp(-0.01)), np.float32)
+    block = tc.encode_topk(ids, logp, tail, vocab)
+    assert len(block) / rows < 0.75 * (k * 3 + 4)  # q8 would be 196 B a row (real teacher rows: see bench_codec)
+    assert len(tc.encode_topk(ids, logp, tail, vocab, eps=1e-3)) < 0.5 * len(block)  # the cutoff pays
+    assert tc.read_header(block)["raw"][0] is False  # the row lengths compress (all 64)
+
+
 def test_codec_error_is_a_cache_corruption():
     assert issubclass(tc.TargetCodecError, CacheCorrupted)
 
@@ -196,3 +212,14 @@ def test_encode_refuses_bad_input(change, message):
 def test_sampled_from_targets_refuses_non_sampled_logprobs():
     with pytest.raises(ValueError, match="another n"):
         tc.sampled_from_targets(np.array([[1, 2]]), np.log(np.array([[0.3, 0.7]])), 12)
+
+
+def test_codec_modules_import_no_torch_web_or_trainer_code():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, shared.target_codec, shared.cache_coded; "
+            "bad = [m for m in ('torch', 'fastapi', 'transformers', 'student_trainer') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], check=True)
