@@ -67,6 +67,8 @@ TARGET_TYPES = ("topk_fp16", "topk_q8", "topk_coded", "sampled")
 CODED_TARGET_TYPES = ("topk_coded", "sampled")  # stored as shared.target_codec blocks (shared.cache_coded)
 DEFAULT_Q8_STEP = 1.0 / 16.0  # a power of two, so that -step * q is exact in float32
 Q8_NEG_INF = 255
+DEFAULT_CODE_STEP = 1.0 / 64.0  # topk_coded's log-prob grid (shared.target_codec), powers of two: exact in float32
+DEFAULT_CODE_KNEE = 0.5
 # Log-probs a little above 0 are rounding noise of log_softmax; much above is a bug upstream.
 _POSITIVE_TOLERANCE = 1e-2
 # Fields that must agree for a resumed writer or a reader: anything that changes the bytes.
@@ -129,8 +131,8 @@ class CacheSpec:
         k: top-k entries per token; temperature: applied to the teacher's logits (``> 0``).
         target_type: one of :data:`TARGET_TYPES`; q8_step: the q8 grid step in nats (q8 only;
             ``None`` means :data:`DEFAULT_Q8_STEP`).
-        code_step, code_knee, mass_cutoff: ``topk_coded`` only (``None`` = the codec's defaults
-            1/16, 4 and 0): the log-prob grid and the per-row mass cutoff eps of
+        code_step, code_knee, mass_cutoff: ``topk_coded`` only (``None`` = the defaults
+            1/64, 0.5 and 0): the log-prob grid and the per-row mass cutoff eps of
             :func:`shared.target_codec.encode_topk`. ``sampled``: ``k`` is the number of draws ``n``.
         dataset_path, dataset_fingerprint: the shard set (its manifest's ``fingerprint``).
         split: the dataset split; max_seq_length: ``L``; num_sequences: rows in the split.
@@ -198,8 +200,8 @@ class CacheSpec:
                 raise ValueError(f"CacheSpec.k is the number of draws for target_type 'sampled': at most 255, "
                                  f"found {self.k}")
             return
-        checks = {"code_step": (1.0 / 16.0, lambda v: 0 < v <= 1, "in (0, 1] nats"),
-                  "code_knee": (4.0, lambda v: 0 <= v <= 1e6, ">= 0 nats (0 = a uniform grid)"),
+        checks = {"code_step": (DEFAULT_CODE_STEP, lambda v: 0 < v <= 1, "in (0, 1] nats"),
+                  "code_knee": (DEFAULT_CODE_KNEE, lambda v: 0 <= v <= 1e6, ">= 0 nats (0 = a uniform grid)"),
                   "mass_cutoff": (0.0, lambda v: 0 <= v < 1, "in [0, 1) (0 = no cutoff)")}
         for name, (default, ok, what) in checks.items():
             value = default if getattr(self, name) is None else getattr(self, name)

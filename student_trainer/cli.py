@@ -351,9 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "or sampled ids (k = draws a position, <= 255; Anshumann et al. 2025)")
     cache.add_argument("--q8-step", type=float, default=1 / 16, help="topk_q8: log-prob grid step in nats")
     cache.add_argument("--code-step", type=float, default=None, help="topk_coded: log-prob grid step at the top in nats "
-                                                                      "(default 1/16)")
+                                                                      "(default 1/64)")
     cache.add_argument("--code-knee", type=float, default=None, help="topk_coded: the grid coarsens past this many "
-                                                                      "nats below 0 (default 4; 0 = uniform)")
+                                                                      "nats below 0 (default 0.5; 0 = uniform)")
     cache.add_argument("--mass-cutoff", type=float, default=None, help="topk_coded: drop a row's least likely ids while "
                                                                         "their mass stays <= this, into the tail (default 0)")
     cache.add_argument("--device", default="auto", help="teacher device (in-process)")

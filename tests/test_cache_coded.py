@@ -139,7 +139,7 @@ def test_sampled_cache_refuses_targets_that_are_not_sampled(tmp_path):
 
 
 def test_spec_fields_of_the_coded_types():
-    assert make_spec(target_type="topk_coded").code_step == 1 / 16
+    assert make_spec(target_type="topk_coded").code_step == 1 / 64
     assert make_spec(target_type="topk_coded", code_step=0.1).code_step == float(np.float32(0.1))
     with pytest.raises(ValueError, match="code_step applies to target_type 'topk_coded' only"):
         make_spec(code_step=0.1)
