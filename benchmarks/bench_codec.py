@@ -114,17 +114,21 @@ def measure(name: str, encode, lengths: np.ndarray, ref16: tuple, ref32: tuple |
     t = time.perf_counter()
     blocks = [encode(a, b) for a, b in zip(starts[:-1], starts[1:])]
     encode_s = time.perf_counter() - t
-    t = time.perf_counter()
-    decoded = [tc.decode(b) for b in blocks]
-    decode_s = time.perf_counter() - t
+    decode_s = float("inf")
+    for _ in range(3):  # best of 3: the machine is shared
+        t = time.perf_counter()
+        decoded = [tc.decode(b) for b in blocks]
+        decode_s = min(decode_s, time.perf_counter() - t)
     rows = int(starts[-1])
     ids = np.concatenate([d.indices for d in decoded]).astype(np.int64)
     lp = np.concatenate([d.logprobs for d in decoded])
     tail = np.concatenate([d.tail_logprob for d in decoded])
     big = encode(0, rows)
-    t = time.perf_counter()
-    tc.decode(big)
-    decode_big_s = time.perf_counter() - t
+    decode_big_s = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        tc.decode(big)
+        decode_big_s = min(decode_big_s, time.perf_counter() - t)
     ref_ids, ref_lp16, ref_tail = ref16
     reference = np.concatenate([np.exp(ref_lp16.astype(np.float64)), np.exp(ref_tail.astype(np.float64))[:, None]], 1)
     tv = 0.5 * np.abs(buckets(ids, lp, tail, ref_ids) - reference).sum(axis=1)
@@ -167,12 +171,12 @@ def main() -> None:
     spread = np.sort(rng.choice(131072, V, replace=False))  # the monotone 49K -> 128K map
     variants = [
         ("coded k=64", lambda i, l, tl, v: (lambda a, b: tc.encode_topk(i[a:b], l[a:b], tl[a:b], v)), ids, lp, tail),
-        ("coded k=64 step 1/8", lambda i, l, tl, v: (lambda a, b: tc.encode_topk(i[a:b], l[a:b], tl[a:b], v,
-                                                                                 step=1 / 8)), ids, lp, tail),
+        ("coded k=64 step 1/16 knee 4", lambda i, l, tl, v: (lambda a, b: tc.encode_topk(
+            i[a:b], l[a:b], tl[a:b], v, step=1 / 16, knee=4.0)), ids, lp, tail),
         ("coded k=32", lambda i, l, tl, v: (lambda a, b: tc.encode_topk(i[a:b], l[a:b], tl[a:b], v)),
          *cut_k(ids, lp, tail, 32)),
     ]
-    for eps in (1e-4, 1e-3, 1e-2):
+    for eps in (1e-3, 1e-2, 0.05):
         variants.append((f"coded k=64 cutoff {eps:g}", lambda i, l, tl, v, e=eps: (
             lambda a, b: tc.encode_topk(i[a:b], l[a:b], tl[a:b], v, eps=e)), ids, lp, tail))
     results = [{"variant": "fp16 k=64", "bytes_per_token": bytes_per_token("topk_fp16", K, V),
@@ -199,12 +203,12 @@ def main() -> None:
                 row[key] = round(sum(len(enc(a, b)) for a, b in zip(starts[:-1], starts[1:])) / starts[-1], 2)
         results.append(row)
         print(json.dumps(row))
-    print(f"\n{'variant':<26}{'B/tok 49K':>10}{'B/tok 128K':>11}{'ids/row':>8}{'max|dlogp|':>11}{'TV mean':>9}"
+    print(f"\n{'variant':<28}{'B/tok 49K':>10}{'B/tok 128K':>11}{'ids/row':>8}{'max|dlogp|':>11}{'TV mean':>9}"
           f"{'TV max':>8}{'enc rows/s':>12}{'dec rows/s':>12}{'dec 1 block':>12}")
     for r in results:
         cells = [r.get(c, "") for c in ("bytes_per_token", "bytes_per_token_128k", "mean_ids_per_row", "max_abs_dlogp",
                                         "tv_mean", "tv_max", "encode_tps", "decode_tps", "decode_tps_big")]
-        print(f"{r['variant']:<26}" + "".join(f"{str(c):>{w}}" for c, w in zip(cells, (10, 11, 8, 11, 9, 8, 12, 12, 12))))
+        print(f"{r['variant']:<28}" + "".join(f"{str(c):>{w}}" for c, w in zip(cells, (10, 11, 8, 11, 9, 8, 12, 12, 12))))
     print(json.dumps({"bench": "codec", "cpus": os.cpu_count(), "rows": int(lengths.sum())}))
 
 

@@ -371,9 +371,14 @@ def decode(block: bytes, order: str = "rank") -> Targets:
     firsts = starts[:-1][lengths > 0]
     if np.count_nonzero(deltas == 0) != np.count_nonzero(deltas[firsts] == 0):
         raise TargetCodecError("coded targets: a row's ids are not strictly ascending (repeated id)")
-    ids = np.cumsum(deltas, dtype=np.int64)
-    ids -= np.repeat(np.concatenate([[0], ids])[starts[:-1]], lengths)
-    if total and int(ids[starts[1:][lengths > 0] - 1].max()) >= vocab:
+    key_dtype, shift = (np.uint32, 16) if nbytes == 2 else (np.uint64, 24)
+    full = total == rows * k and rows > 0  # every row holds k ids (top-k without a cutoff): no padding
+    if full:  # a cumsum per row: no row offsets to subtract; cannot overflow (k * 2**shift < 2**(8 * key bytes))
+        ids = np.cumsum(deltas.reshape(rows, k), axis=1, dtype=key_dtype).reshape(total)
+    else:
+        ids = np.cumsum(deltas, dtype=np.int64)
+        ids -= np.repeat(np.concatenate([[0], ids])[starts[:-1]], lengths)
+    if total and int(ids[starts[1:][lengths > 0] - 1].max()) >= vocab:  # rows ascend: their last id is the largest
         raise TargetCodecError(f"coded targets: an id is >= vocab_size {vocab}")
     if sampled:
         counts = np.frombuffer(_unframe(frames[4], total, "counts", raw[4]), dtype=np.uint8)
@@ -392,15 +397,17 @@ def decode(block: bytes, order: str = "rank") -> Targets:
             raise TargetCodecError("coded targets: the tail holds NaN or positive log-probs")
     # One key per entry, (rank code << shift) | id, so a single integer sort orders a row by descending
     # probability (ascending code) and carries the id along; padding sorts last and decodes to (0, -inf).
-    key_dtype, shift = (np.uint32, 16) if nbytes == 2 else (np.uint64, 24)
-    flat = rank_codes.astype(key_dtype) << key_dtype(shift)
-    flat |= ids.astype(key_dtype)
-    if total == rows * k:  # every row full (top-k without a cutoff): no padding to place
+    flat = ids.astype(key_dtype, copy=False)
+    flat |= rank_codes.astype(key_dtype) << key_dtype(shift)
+    if full:
         keys = flat.reshape(rows, k)
     else:
         keys = np.full((rows, k), key_dtype(_PAD_CODE) << key_dtype(shift), dtype=key_dtype)
         keys[np.arange(k) < lengths[:, None]] = flat
     if order == "rank" and k > 1:
         keys.sort(axis=1)
-    out_ids = (keys & key_dtype((1 << shift) - 1)).astype("<u2" if vocab <= 1 << 16 else "<i4")
+    if nbytes == 2:  # little-endian uint32 keys are (id, code) uint16 pairs: split them without shifting
+        pairs = keys.view("<u2").reshape(rows, k, 2)
+        return Targets(np.ascontiguousarray(pairs[..., 0]), np.take(table, pairs[..., 1]), tail)
+    out_ids = (keys & key_dtype((1 << shift) - 1)).astype("<i4")
     return Targets(out_ids, np.take(table, keys >> key_dtype(shift)), tail)
