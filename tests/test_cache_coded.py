@@ -182,3 +182,33 @@ def test_cli_writes_coded_caches_the_cached_teacher_reads(roots, tiny_model_dir,
         torch.testing.assert_close(got.logprobs[..., 0][mask], direct.logprobs[..., 0][mask], atol=0.05, rtol=0)
         mass = torch.logsumexp(torch.cat([got.logprobs[mask], got.tail_logprob[mask][:, None]], -1), -1)
         torch.testing.assert_close(mass, torch.zeros_like(mass), atol=0.03, rtol=0)
+
+
+@pytest.mark.slow
+def test_route_writes_the_same_coded_caches_as_the_cli(roots, tiny_model_dir, tmp_path):
+    from tests.conftest import start_server
+    from tests.test_cache_jobs_hardening import post_job, same_shards, wait_job
+
+    data_root, cache_root = roots
+    jobs = {"sampled": {"target_type": "sampled", "k": 12},
+            "coded": {"target_type": "topk_coded", "k": 16, "mass_cutoff": 0.001, "code_step": 0.03125}}
+    teacher = start_server(str(tiny_model_dir), tmp_path / "logs",
+                           env={"TEACHER_DATA_ROOT": str(data_root), "TEACHER_CACHE_ROOT": str(cache_root)})
+    try:
+        refused = post_job(teacher.url, dataset="docs", output="bad", k=16, code_step=0.1)
+        assert refused.status_code == 422 and "applies to target_type 'topk_coded' only" in refused.text
+        refused = post_job(teacher.url, dataset="docs", output="bad", k=16, target_type="topk_coded", mass_cutoff=2)
+        assert refused.status_code == 422 and "mass_cutoff must be" in refused.text
+        for name, fields in jobs.items():
+            reply = post_job(teacher.url, dataset="docs", output=f"route-{name}", shard_size=64, **fields)
+            assert reply.status_code in (200, 201, 202), reply.text
+            assert wait_job(teacher.url, reply.json()["id"])["state"] == "done"
+    finally:
+        teacher.stop()
+    for name, fields in jobs.items():
+        flags = [f"--{key.replace('_', '-')}={value}" for key, value in fields.items()]
+        subprocess.run([sys.executable, "-m", "student_trainer", "cache", "--data", str(data_root / "docs"),
+                        "--output", str(tmp_path / name), "--teacher", str(tiny_model_dir), "--shard-size", "64",
+                        "--splits", "train", *flags], check=True, cwd=REPO_ROOT, capture_output=True)
+        same_shards(cache_root / f"route-{name}", tmp_path / name / "train")
+        assert CacheReader(cache_root / f"route-{name}", verify=True).spec.target_type == fields["target_type"]
