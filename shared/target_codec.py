@@ -26,7 +26,7 @@ is small (``p * |dlogp|`` falls like ``x * exp(-x)``). Defaults ``step = 1/64``,
 is 0.008 nats at the top, 0.09 at ``x = 5``, 0.32 at ``x = 20`` (measured on SmolLM2 targets, this
 beats ``step = 1/16``, ``knee = 4`` on both size and total variation; ``benchmarks/bench_codec.py``).
 
-Layout: a 44-byte header ``<4sBBHIIffHBB5I`` = magic ``RDTC``, version, kind, k, rows, vocab_size,
+Layout: a 48-byte header ``<4sBBHIIffHBB5I`` = magic ``RDTC``, version, kind, k, rows, vocab_size,
 step, knee, n (sampled), index bytes (2 or 3), raw-section flags, section sizes, then a CRC32 (over
 header and payload) and the payload: five sections (row lengths, id deltas as byte planes, log-prob
 codes as byte planes, tail float32 as byte planes, counts), each a zstd frame, or the raw bytes
