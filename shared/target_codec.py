@@ -29,7 +29,8 @@ beats ``step = 1/16``, ``knee = 4`` on both size and total variation; ``benchmar
 Layout: a 48-byte header ``<4sBBHIIffHBB5I`` = magic ``RDTC``, version, kind, k, rows, vocab_size,
 step, knee, n (sampled), index bytes (2 or 3), raw-section flags, section sizes, then a CRC32 (over
 header and payload) and the payload: five sections (row lengths, id deltas as byte planes, log-prob
-codes as byte planes, tail float32 as byte planes, counts), each a zstd frame, or the raw bytes
+codes as byte planes (one plane when every code is < 256: header flag bit 5), tail float32 as
+byte planes, counts), each a zstd frame, or the raw bytes
 where zstd would not make them smaller (flag bit ``i``), or nothing when empty. :func:`decode` checks the magic, version,
 sizes, the CRC, every frame's length, row lengths <= k, ids ascending and < vocab_size, counts
 summing to ``n``, and raises :class:`TargetCodecError` on any mismatch, so corrupt bytes are
@@ -61,6 +62,7 @@ DEFAULT_KNEE = DEFAULT_CODE_KNEE
 DEFAULT_LEVEL = 9
 _MAX_CODE = 65534  # code 65535 marks a padding entry while decoding (it decodes to -inf)
 _PAD_CODE = 65535
+_ONE_BYTE_CODES_BIT = 5  # header flag: every log-prob code is < 256 and is stored in one byte plane
 _POSITIVE_TOLERANCE = 1e-2  # log-probs a little above 0 are log_softmax rounding noise
 
 
@@ -188,9 +190,9 @@ def _unframe(frame: bytes, expected: int, what: str, raw: bool = False) -> bytes
 
 
 def _pack(kind: str, k: int, rows: int, vocab_size: int, step: float, knee: float, n: int,
-          sections: list[bytes], level: int) -> bytes:
+          sections: list[bytes], level: int, one_byte_codes: bool = False) -> bytes:
     stored = [_frame(s, level) for s in sections]
-    flags = sum(1 << i for i, (_, raw) in enumerate(stored) if raw)
+    flags = sum(1 << i for i, (_, raw) in enumerate(stored) if raw) | (int(one_byte_codes) << _ONE_BYTE_CODES_BIT)
     header = _HEADER.pack(MAGIC, VERSION, KINDS[kind], k, rows, vocab_size, step, knee, n,
                           index_bytes(vocab_size), flags, *(len(f) for f, _ in stored))
     payload = b"".join(f for f, _ in stored)
@@ -265,9 +267,10 @@ def encode_topk(indices: np.ndarray, logprobs: np.ndarray, tail_logprob: np.ndar
     codes = quantize(np.take_along_axis(logprobs, order, axis=1)[packed], step, knee)
     nbytes = index_bytes(vocab_size)
     length_dtype = "<u1" if k <= 255 else "<u2"
+    one_byte = not codes.size or int(codes.max()) < 256  # always, with the default grid, for x < 1450 nats
     sections = [lengths.astype(length_dtype).tobytes(), _delta_code(ids, _row_starts(lengths), nbytes),
-                _planes(codes, 2), _planes(tail, 4), b""]
-    return _pack("topk_coded", k, rows, vocab_size, step, knee, 0, sections, level)
+                _planes(codes, 1 if one_byte else 2), _planes(tail, 4), b""]
+    return _pack("topk_coded", k, rows, vocab_size, step, knee, 0, sections, level, one_byte)
 
 
 # ---------------------------------------------------------------------------------- sampled
@@ -335,10 +338,11 @@ def read_header(block: bytes) -> dict:
     payload = memoryview(block)[HEADER_BYTES:]
     if zlib.crc32(payload, zlib.crc32(memoryview(block)[:_HEADER.size])) != crc:
         raise TargetCodecError("coded targets: CRC32 mismatch, the bytes were altered; rewrite or resend them")
-    if nbytes != index_bytes(vocab) or (kind == KINDS["sampled"] and n != k) or flags >> 5:
+    if nbytes != index_bytes(vocab) or (kind == KINDS["sampled"] and n != k) or flags >> (_ONE_BYTE_CODES_BIT + 1):
         raise TargetCodecError(f"coded targets: inconsistent header (index bytes {nbytes}, vocab {vocab}, n {n}, k {k})")
     return {"kind": _KIND_NAMES[kind], "k": k, "rows": rows, "vocab_size": vocab, "step": step, "knee": knee,
-            "n": n, "index_bytes": nbytes, "sizes": sizes, "raw": [bool(flags >> i & 1) for i in range(5)]}
+            "n": n, "index_bytes": nbytes, "sizes": sizes, "raw": [bool(flags >> i & 1) for i in range(5)],
+            "code_bytes": 1 if flags >> _ONE_BYTE_CODES_BIT & 1 else 2}
 
 
 def decode(block: bytes, order: str = "rank") -> Targets:
@@ -388,8 +392,10 @@ def decode(block: bytes, order: str = "rank") -> Targets:
         rank_codes, table = 255 - counts, _count_table(h["n"])
         tail = np.full(rows, -np.inf, dtype=np.float32)
     else:
-        rank_codes = _unplanes(_unframe(frames[2], total * 2, "log-prob codes", raw[2]), total, 2, "<u2")
-        if total and int(rank_codes.max()) > _MAX_CODE:
+        cb = h["code_bytes"]
+        coded = _unframe(frames[2], total * cb, "log-prob codes", raw[2])
+        rank_codes = np.frombuffer(coded, dtype=np.uint8) if cb == 1 else _unplanes(coded, total, 2, "<u2")
+        if cb == 2 and total and int(rank_codes.max()) > _MAX_CODE:
             raise TargetCodecError(f"coded targets: a log-prob code is above {_MAX_CODE}")
         table = _code_table(float(np.float32(h["step"])), float(np.float32(h["knee"])))
         tail = _unplanes(_unframe(frames[3], rows * 4, "tail", raw[3]), rows, 4, "<f4")
