@@ -68,6 +68,12 @@ _TOPK_OPENAPI = {
                         },
                         "return_logsumexp": {"type": "boolean", "default": False,
                                              "description": "v1.1: also return logsumexp(logits / T) per position"},
+                        "target_encoding": {"type": "string", "enum": ["fp16", "coded"], "default": "fp16",
+                                            "description": "v1.2: 'coded' (msgpack only) replies with one compact, "
+                                                           "CRC-checked block 'targets_coded' (shared/wire_coded.py)"},
+                        "mass_cutoff": {"type": "number", "minimum": 0, "exclusiveMaximum": 1,
+                                        "description": "v1.2, with 'coded': drop each row's least likely ids while "
+                                                       "their mass stays <= this, folded into the tail"},
                     },
                 },
                 "example": {"input_ids": [[504, 3575, 282, 4649, 314]], "k": 5, "temperature": 1.0},
