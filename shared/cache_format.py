@@ -15,6 +15,11 @@ name                dtype, shape           meaning
 ``tail_logprob``    float32 ``[R]``        ``log(1 - sum_k p_T)``, exact, ``-inf`` when the k hold all
 ==================  =====================  ==========================================================
 
+Target types ``topk_coded`` and ``sampled`` (issue 17) store ``targets_coded`` + ``target_offsets``
+instead of the last three (one :mod:`shared.target_codec` block per sequence, see
+:mod:`shared.cache_coded`); their ``bytes_per_token`` in the manifest is measured (target bytes of
+the shards written / rows), and each shard record also says its ``target_bytes``.
+
 ``R = sum(lengths)``: rows are packed sequence after sequence, and row ``t`` of a sequence is the
 teacher's distribution of the token *after* ``x_t`` (as on the wire). ``-inf`` log-probs (padding
 when fewer than k ids are available, ids with zero mass) and ``-inf`` tails are stored as such.
@@ -58,15 +63,18 @@ FORMAT_NAME = "retnet-distill-teacher-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-TARGET_TYPES = ("topk_fp16", "topk_q8")
+TARGET_TYPES = ("topk_fp16", "topk_q8", "topk_coded", "sampled")
+CODED_TARGET_TYPES = ("topk_coded", "sampled")  # stored as shared.target_codec blocks (shared.cache_coded)
 DEFAULT_Q8_STEP = 1.0 / 16.0  # a power of two, so that -step * q is exact in float32
 Q8_NEG_INF = 255
+DEFAULT_CODE_STEP = 1.0 / 64.0  # topk_coded's log-prob grid (shared.target_codec), powers of two: exact in float32
+DEFAULT_CODE_KNEE = 0.5
 # Log-probs a little above 0 are rounding noise of log_softmax; much above is a bug upstream.
 _POSITIVE_TOLERANCE = 1e-2
 # Fields that must agree for a resumed writer or a reader: anything that changes the bytes.
 IDENTITY_FIELDS = (
     "teacher_model", "teacher_fingerprint", "tokenizer_sha256", "vocab_size", "k", "temperature",
-    "target_type", "q8_step", "dataset_fingerprint", "split", "max_seq_length", "num_sequences", "shard_size",
+    "target_type", "q8_step", "code_step", "code_knee", "mass_cutoff", "dataset_fingerprint", "split", "max_seq_length", "num_sequences", "shard_size",
 )
 
 
@@ -95,8 +103,12 @@ def bytes_per_token(target_type: str, k: int, vocab_size: int) -> int:
     """Teacher-target bytes stored per token (one row of ``R``): ``k * (id + logprob) + 4`` (tail).
 
     ``topk_fp16``: id 2 or 4 B + 2 B per entry; ``topk_q8``: id + 1 B. A shard also stores its input
-    ids (4 B per padded position, ``n * L * 4``), its lengths (``4 * n``) and a JSON header.
+    ids (4 B per padded position, ``n * L * 4``), its lengths (``4 * n``) and a JSON header. The coded
+    types have no fixed size: their manifest records the measured figure.
     """
+    if target_type in CODED_TARGET_TYPES:
+        raise ValueError(f"target_type {target_type!r} has no fixed bytes per token; read the measured "
+                         "'bytes_per_token' of its manifest")
     if target_type not in TARGET_TYPES:
         raise ValueError(f"target_type must be one of {TARGET_TYPES}, found {target_type!r}")
     logprob_bytes = 2 if target_type == "topk_fp16" else 1
@@ -117,8 +129,11 @@ class CacheSpec:
         tokenizer_sha256: :func:`shared.fingerprint.tokenizer_sha256` of the teacher's tokenizer.
         vocab_size: tokenizer length; every id is in ``[0, vocab_size)``.
         k: top-k entries per token; temperature: applied to the teacher's logits (``> 0``).
-        target_type: ``topk_fp16`` or ``topk_q8``; q8_step: the q8 grid step in nats (q8 only;
+        target_type: one of :data:`TARGET_TYPES`; q8_step: the q8 grid step in nats (q8 only;
             ``None`` means :data:`DEFAULT_Q8_STEP`).
+        code_step, code_knee, mass_cutoff: ``topk_coded`` only (``None`` = the defaults
+            1/64, 0.5 and 0): the log-prob grid and the per-row mass cutoff eps of
+            :func:`shared.target_codec.encode_topk`. ``sampled``: ``k`` is the number of draws ``n``.
         dataset_path, dataset_fingerprint: the shard set (its manifest's ``fingerprint``).
         split: the dataset split; max_seq_length: ``L``; num_sequences: rows in the split.
         shard_size: sequences per cache shard (the last shard may hold fewer).
@@ -138,6 +153,9 @@ class CacheSpec:
     num_sequences: int
     shard_size: int
     q8_step: float | None = None
+    code_step: float | None = None
+    code_knee: float | None = None
+    mass_cutoff: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("teacher_model", "teacher_fingerprint", "tokenizer_sha256", "dataset_fingerprint", "split"):
@@ -168,7 +186,29 @@ class CacheSpec:
         elif self.q8_step is not None:
             raise ValueError(f"CacheSpec.q8_step applies to target_type 'topk_q8' only, found {self.q8_step!r} "
                              f"with target_type {self.target_type!r}; leave it None")
+        self._check_code_fields()
         object.__setattr__(self, "temperature", float(self.temperature))
+
+    def _check_code_fields(self) -> None:
+        names = ("code_step", "code_knee", "mass_cutoff")
+        if self.target_type != "topk_coded":
+            for name in names:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"CacheSpec.{name} applies to target_type 'topk_coded' only, found "
+                                     f"{getattr(self, name)!r} with target_type {self.target_type!r}; leave it None")
+            if self.target_type == "sampled" and self.k > 255:
+                raise ValueError(f"CacheSpec.k is the number of draws for target_type 'sampled': at most 255, "
+                                 f"found {self.k}")
+            return
+        checks = {"code_step": (DEFAULT_CODE_STEP, lambda v: 0 < v <= 1, "in (0, 1] nats"),
+                  "code_knee": (DEFAULT_CODE_KNEE, lambda v: 0 <= v <= 1e6, ">= 0 nats (0 = a uniform grid)"),
+                  "mass_cutoff": (0.0, lambda v: 0 <= v < 1, "in [0, 1) (0 = no cutoff)")}
+        for name, (default, ok, what) in checks.items():
+            value = default if getattr(self, name) is None else getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise ValueError(f"CacheSpec.{name} must be {what}, found {value!r}")
+            # the codec's header stores step and knee as float32: encode and decode must use that grid
+            object.__setattr__(self, name, float(value) if name == "mass_cutoff" else float(np.float32(value)))
 
     @property
     def num_shards(self) -> int:
@@ -371,11 +411,15 @@ class CacheWriter:
         # in a random order and two writes of the same shard would differ.
         about = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "first": first, "count": count,
                  "target_type": spec.target_type, "q8_step": spec.q8_step}
+        if spec.target_type == "topk_coded":
+            about.update(code_step=spec.code_step, code_knee=spec.code_knee, mass_cutoff=spec.mass_cutoff)
         data = safetensors_save(tensors, metadata={FORMAT_NAME: json.dumps(about, sort_keys=True)})
         path = self._at / shard_file_name(shard_index)
         atomic_write(path, data)
         record = {"index": shard_index, "file": path.name, "first": first, "count": count,
                   "rows": int(tensors["lengths"].sum()), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        if "targets_coded" in tensors:
+            record["target_bytes"] = int(tensors["targets_coded"].size)
         self._shards[shard_index] = record
         self._write_manifest()
         return record
@@ -416,12 +460,14 @@ class CacheWriter:
             if bad.any():
                 raise ValueError(f"{where}: {name} must be log-probabilities (<= 0 or -inf), found "
                                  f"{int(bad.sum())} NaN or positive values such as {values[bad].flat[0]}")
-        out = {
-            "input_ids": arrays["input_ids"].astype("<i4"),
-            "lengths": lens.astype("<i4"),
-            "indices": arrays["indices"].astype(index_dtype(spec.vocab_size)),
-            "tail_logprob": arrays["tail_logprob"].astype("<f4"),
-        }
+        out = {"input_ids": arrays["input_ids"].astype("<i4"), "lengths": lens.astype("<i4")}
+        if spec.target_type in CODED_TARGET_TYPES:
+            from shared.cache_coded import encode_shard_targets  # imports the codec, which imports this module
+
+            out.update(encode_shard_targets(spec, lens, arrays["indices"], arrays["logprobs"], arrays["tail_logprob"]))
+            return {name: np.ascontiguousarray(value) for name, value in out.items()}
+        out["indices"] = arrays["indices"].astype(index_dtype(spec.vocab_size))
+        out["tail_logprob"] = arrays["tail_logprob"].astype("<f4")
         if spec.target_type == "topk_q8":
             out["logprobs_q8"] = quantize_q8(arrays["logprobs"], spec.q8_step)
         else:
@@ -432,10 +478,19 @@ class CacheWriter:
         spec = self.spec
         manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **asdict(spec),
                     "index_dtype": index_dtype(spec.vocab_size).name,
-                    "bytes_per_token": bytes_per_token(spec.target_type, spec.k, spec.vocab_size),
+                    "bytes_per_token": self._bytes_per_token(),
                     "num_shards": spec.num_shards, "complete": self.complete,
                     "shards": [self._shards[i] for i in sorted(self._shards)]}
         atomic_write(self._at / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+    def _bytes_per_token(self) -> float | int | None:
+        """Fixed for the plain types; measured over the shards written for the coded ones (None before any)."""
+        spec = self.spec
+        if spec.target_type not in CODED_TARGET_TYPES:
+            return bytes_per_token(spec.target_type, spec.k, spec.vocab_size)
+        rows = sum(r["rows"] for r in self._shards.values())
+        coded = sum(r.get("target_bytes", 0) for r in self._shards.values())
+        return round(coded / rows, 2) if rows else None
 
     def close(self) -> None:
         """Release the directory lock (also on garbage collection and when the process dies)."""

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from shared.cache_format import (
+    CODED_TARGET_TYPES,
     CacheCorrupted,
     CacheMismatch,
     CacheMiss,
@@ -32,7 +33,7 @@ from shared.cache_format import (
 
 # safetensors dtype names -> little-endian numpy dtypes (only what a cache may hold).
 _DTYPES = {name: np.dtype(code) for name, code in
-           {"U8": "<u1", "U16": "<u2", "I32": "<i4", "F16": "<f2", "F32": "<f4"}.items()}
+           {"U8": "<u1", "U16": "<u2", "I32": "<i4", "I64": "<i8", "F16": "<f2", "F32": "<f4"}.items()}
 _MAX_HEADER_BYTES = 100 << 20  # the safetensors limit; a bigger "size" means a corrupted file
 
 
@@ -155,10 +156,13 @@ class _Shard:
         ids = "U16" if index_dtype(spec.vocab_size).itemsize == 2 else "I32"
         expected = {"input_ids": ("I32", [self.count, width]), "lengths": ("I32", [self.count]),
                     "indices": (ids, [rows, k]), logprobs[0]: (logprobs[1], [rows, k]), "tail_logprob": ("F32", [rows])}
+        if spec.target_type in CODED_TARGET_TYPES:  # one codec block per sequence (shared.cache_coded)
+            expected = {"input_ids": expected["input_ids"], "lengths": expected["lengths"],
+                        "targets_coded": ("U8", [record.get("target_bytes")]), "target_offsets": ("I64", [self.count + 1])}
         found = {n: (i["dtype"], i["shape"]) for n, i in self.header.items() if n != "__metadata__"}
         if found != expected:
             raise CacheCorrupted(f"{self.path}: tensors {found} do not match the manifest's {expected}")
-        self.step = spec.q8_step
+        self.step, self.spec = spec.q8_step, spec
         self.tensors: dict[str, np.ndarray] | None = None
         self.offsets: np.ndarray | None = None
 
@@ -191,6 +195,16 @@ class _Shard:
         self.tensors = tensors
         return tensors
 
+    def _coded_row(self, tensors: dict[str, np.ndarray], i: int, rows: int) -> tuple[np.ndarray, ...]:
+        from shared.cache_coded import decode_sequence
+
+        offsets, blob = tensors["target_offsets"], tensors["targets_coded"]
+        start, stop = int(offsets[i]), int(offsets[i + 1])
+        if not 0 <= start <= stop <= blob.size:
+            raise CacheCorrupted(f"{self.path}: sequence {self.first + i}'s coded block [{start}, {stop}) lies outside "
+                                 f"the {blob.size}-byte targets; delete the shard and resume the cache writer")
+        return tuple(decode_sequence(self.spec, blob[start:stop].tobytes(), rows, f"{self.path} row {self.first + i}"))
+
     def unmap(self) -> None:
         self.tensors, self.offsets = None, None
 
@@ -202,6 +216,8 @@ class _Shard:
         """Row ``i`` of this shard (``0 <= i < count``), copied out of the mapping."""
         tensors = self.tensors if self.tensors is not None else self._map()
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        if "targets_coded" in tensors:
+            return CachedRow(np.array(tensors["input_ids"][i]), b - a, *self._coded_row(tensors, i, b - a))
         if "logprobs_q8" in tensors:
             logprobs = dequantize_q8(tensors["logprobs_q8"][a:b], self.step)
         else:

@@ -14,6 +14,9 @@ gets the v1 reply, byte for byte:
 - request ``return_logsumexp: true``; reply ``logsumexp`` ``[sum(L)]`` float32 of ``logits / T``,
   so ``logprob = logit / T - logsumexp`` for any id.
 
+v1.2 adds ``target_encoding: "coded"`` (and ``mass_cutoff``): a compact, checksummed reply
+(``shared/wire_coded.py``); without it the reply is v1.
+
 Both msgpack (``application/msgpack``, the fast path) and JSON (``application/json``, for curl) are
 supported. Nothing here imports a web framework or torch, so trainer and server share it.
 """
@@ -44,6 +47,7 @@ from shared.wire_checks import (
     max_body_bytes,
     too_many_tokens,
 )
+from shared.wire_coded import CODED_FIELDS, decode_coded_reply, encode_coded_reply, encoding_from_body
 from shared.wire_scores import (
     SCORE_ENTRY_BYTES,
     SCORE_FIELDS,
@@ -63,7 +67,7 @@ JSON = "application/json"
 WireFormat = Literal["msgpack", "json"]
 
 _MSGPACK_TYPES = {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
-_REQUEST_KEYS = {"input_ids", "k", "temperature", "lengths", "protocol", *SCORE_FIELDS}
+_REQUEST_KEYS = {"input_ids", "k", "temperature", "lengths", "protocol", *SCORE_FIELDS, *CODED_FIELDS}
 
 # Reply bytes per top-k entry (id + float16 log-prob) and per row (float32 tail); JSON is an
 # estimate of the text (an id like "1234, " and a log-prob like "-12.3671875, ").
@@ -123,6 +127,8 @@ class TopKRequest:
         temperature: applied to the teacher's logits before the softmax (``> 0``, finite).
         score_ids: v1.1, int64 ``[sum(L), m]`` ids to score at each position, or None.
         return_logsumexp: v1.1, whether the reply carries ``logsumexp(logits / T)`` per position.
+        target_encoding: v1.2, ``"fp16"`` (v1 tensors) or ``"coded"`` (one checksummed codec block);
+            mass_cutoff: v1.2, the coded reply's per-row mass cutoff (see :mod:`shared.wire_coded`).
     """
 
     sequences: list[np.ndarray]
@@ -130,6 +136,8 @@ class TopKRequest:
     temperature: float = 1.0
     score_ids: np.ndarray | None = None
     return_logsumexp: bool = False
+    target_encoding: str = "fp16"
+    mass_cutoff: float = 0.0
 
     @property
     def num_tokens(self) -> int:
@@ -185,6 +193,8 @@ def encode_topk_request(
     fmt: WireFormat = "msgpack",
     score_ids: np.ndarray | list | None = None,
     return_logsumexp: bool = False,
+    target_encoding: str | None = None,
+    mass_cutoff: float | None = None,
 ) -> bytes:
     """Encode a request. msgpack sends one packed int32 tensor plus ``lengths`` (no per-id objects).
 
@@ -200,6 +210,10 @@ def encode_topk_request(
         body["score_ids"] = score_ids_to_wire(score_ids, lengths, fmt)
     if return_logsumexp:
         body["return_logsumexp"] = True
+    if target_encoding is not None:  # v1.2: "coded" asks for a compact reply (msgpack only)
+        body["target_encoding"] = target_encoding
+    if mass_cutoff is not None:
+        body["mass_cutoff"] = float(mass_cutoff)
     if fmt == "msgpack":
         arrays = [np.asarray(s, dtype=np.int32).reshape(-1) for s in sequences]
         body["input_ids"] = encode_tensor_msgpack(np.concatenate(arrays) if arrays else np.zeros(0, np.int32))
@@ -336,7 +350,9 @@ def decode_topk_request(
     if score_ids is not None:
         score_ids = score_ids_from_body(score_ids, fmt, [len(s) for s in sequences], max_score_ids)
     return_logsumexp = flag_from_body(obj.get("return_logsumexp"), "return_logsumexp")
-    return TopKRequest(sequences=sequences, k=k, temperature=value, score_ids=score_ids, return_logsumexp=return_logsumexp)
+    encoding, cutoff = encoding_from_body(obj, fmt)
+    return TopKRequest(sequences=sequences, k=k, temperature=value, score_ids=score_ids, return_logsumexp=return_logsumexp,
+                       target_encoding=encoding, mass_cutoff=cutoff)
 
 
 # -------------------------------------------------------------------------------------- response
@@ -355,6 +371,8 @@ class TopKResponse:
             client behind a load balancer can check that every reply came from the same teacher.
         score_logprobs: v1.1, ``[sum(L), m]`` float32 ``log p_T`` of the request's ``score_ids``, or None.
         logsumexp: v1.1, ``[sum(L)]`` float32 ``logsumexp(logits / T)``, or None.
+        target_encoding, mass_cutoff: v1.2, how the top-k tensors travel (``"coded"``: one codec block;
+            decoded ``logprobs`` are then float32 on the codec's grid, rows sorted by descending prob).
     """
 
     model: str
@@ -371,6 +389,8 @@ class TopKResponse:
     weights_fingerprint: str = ""
     score_logprobs: np.ndarray | None = None
     logsumexp: np.ndarray | None = None
+    target_encoding: str = "fp16"
+    mass_cutoff: float = 0.0
 
     def split(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per sequence ``(indices [L_i, k], logprobs [L_i, k], tail_logprob [L_i])`` views."""
@@ -409,6 +429,14 @@ def encode_topk_response(response: TopKResponse, fmt: WireFormat) -> bytes:
     if response.weights_fingerprint:  # optional: v1 clients ignore it
         body["weights_fingerprint"] = response.weights_fingerprint
     extra = reply_tensors_to_wire({"score_logprobs": response.score_logprobs, "logsumexp": response.logsumexp}, fmt)
+    if response.target_encoding == "coded":
+        if fmt != "msgpack":
+            raise InvalidRequest("target_encoding 'coded' replies are binary: accept application/msgpack")
+        body["target_encoding"] = "coded"
+        body["targets_coded"] = encode_coded_reply(response.indices, response.logprobs, response.tail_logprob,
+                                                   response.vocab_size, response.mass_cutoff)
+        body.update(extra)
+        return msgpack.packb(body, use_bin_type=True)
     if fmt == "msgpack":
         body.update({name: encode_tensor_msgpack(t) for name, t in tensors.items()})
         body.update(extra)
@@ -421,9 +449,12 @@ def encode_topk_response(response: TopKResponse, fmt: WireFormat) -> bytes:
 def decode_topk_response(body: bytes, fmt: WireFormat) -> TopKResponse:
     """Decode a response (client side) and check that shapes agree with ``lengths`` and ``k``."""
     obj = _load_body(body, fmt)
-    if not isinstance(obj, dict) or "indices" not in obj:
+    coded = isinstance(obj, dict) and obj.get("target_encoding") == "coded"
+    if not isinstance(obj, dict) or ("indices" not in obj and not coded):
         raise MalformedBody(f"not a /v1/topk response: {str(obj)[:200]}")
-    if fmt == "msgpack":
+    if coded:
+        tensors = decode_coded_reply(obj, sum(obj["lengths"]), obj["k"], obj["vocab_size"])
+    elif fmt == "msgpack":
         tensors = {name: decode_tensor_msgpack(obj[name], name) for name in _TENSOR_FIELDS}
     else:
         id_dtype = index_dtype(obj["vocab_size"]).name
@@ -446,6 +477,7 @@ def decode_topk_response(body: bytes, fmt: WireFormat) -> TopKResponse:
         timing=obj.get("timing", {}),
         protocol=obj.get("protocol", PROTOCOL_VERSION),
         weights_fingerprint=str(obj.get("weights_fingerprint", "")),
+        target_encoding="coded" if coded else "fp16",
         **tensors,
     )
 

@@ -27,6 +27,13 @@ def _splits(args: argparse.Namespace, manifest: dict) -> list[str]:
     return splits
 
 
+def _code_args(args: argparse.Namespace) -> tuple[float | None, float | None, float | None]:
+    """``(code_step, code_knee, mass_cutoff)`` for topk_coded; None (the codec's defaults) otherwise or unset."""
+    if args.target_type != "topk_coded":
+        return None, None, None
+    return (getattr(args, "code_step", None), getattr(args, "code_knee", None), getattr(args, "mass_cutoff", None))
+
+
 def run_in_process(args: argparse.Namespace) -> int:
     from teacher_server.engines.hf import HFEngine
 
@@ -34,7 +41,7 @@ def run_in_process(args: argparse.Namespace) -> int:
     engine = HFEngine(args.teacher, device=args.device, dtype=args.dtype, cache_dir=args.model_cache_dir)
     for split in splits:
         spec = cache_spec(engine, args.data, split, args.k, args.temperature, args.shard_size, args.target_type,
-                          args.q8_step)
+                          args.q8_step, *_code_args(args))
         with Progress(TextColumn(f"[bold]cache {split}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[rate]}")) as bar:
             task = bar.add_task(split, total=spec.num_shards, rate="")
@@ -57,6 +64,7 @@ def run_via_route(args: argparse.Namespace) -> int:
             body = {"dataset": args.data, "output": f"{args.output}/{split}", "split": split, "k": args.k,
                     "temperature": args.temperature, "shard_size": args.shard_size, "target_type": args.target_type,
                     "q8_step": args.q8_step}
+            body.update(zip(("code_step", "code_knee", "mass_cutoff"), _code_args(args)))
             reply = client.post("/v1/cache/jobs", json=body)
             if reply.status_code == 422 and args.splits is None and "no split" in reply.text and split == "val":
                 continue  # the data set has no validation split

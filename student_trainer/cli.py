@@ -347,8 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--temperature", type=float, default=1.0, help="teacher temperature (the student uses the same)")
     cache.add_argument("--splits", nargs="+", default=None, help="splits to cache (default: every split of the data)")
     cache.add_argument("--shard-size", type=int, default=256, help="sequences per cache shard")
-    cache.add_argument("--target-type", choices=["topk_fp16", "topk_q8"], default="topk_fp16", help="storage of the log-probs")
+    cache.add_argument("--target-type", choices=["topk_fp16", "topk_q8", "topk_coded", "sampled"], default="topk_fp16",
+                       help="storage of the targets: fp16 or q8 top-k, coded top-k (compact, shared/target_codec.py), "
+                            "or sampled ids (k = draws a position, <= 255; Anshumann et al. 2025)")
     cache.add_argument("--q8-step", type=float, default=1 / 16, help="topk_q8: log-prob grid step in nats")
+    cache.add_argument("--code-step", type=float, default=None, help="topk_coded: log-prob grid step at the top in nats "
+                                                                      "(default 1/64)")
+    cache.add_argument("--code-knee", type=float, default=None, help="topk_coded: the grid coarsens past this many "
+                                                                      "nats below 0 (default 0.5; 0 = uniform)")
+    cache.add_argument("--mass-cutoff", type=float, default=None, help="topk_coded: drop a row's least likely ids while "
+                                                                        "their mass stays <= this, into the tail (default 0)")
     cache.add_argument("--device", default="auto", help="teacher device (in-process)")
     cache.add_argument("--dtype", default="auto", help="teacher dtype (in-process)")
     cache.add_argument("--model-cache-dir", default=DEFAULT_CACHE_DIR, help="where GGUF teachers are converted once")

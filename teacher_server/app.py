@@ -68,6 +68,12 @@ _TOPK_OPENAPI = {
                         },
                         "return_logsumexp": {"type": "boolean", "default": False,
                                              "description": "v1.1: also return logsumexp(logits / T) per position"},
+                        "target_encoding": {"type": "string", "enum": ["fp16", "coded"], "default": "fp16",
+                                            "description": "v1.2: 'coded' (msgpack only) replies with one compact, "
+                                                           "CRC-checked block 'targets_coded' (shared/wire_coded.py)"},
+                        "mass_cutoff": {"type": "number", "minimum": 0, "exclusiveMaximum": 1,
+                                        "description": "v1.2, with 'coded': drop each row's least likely ids while "
+                                                       "their mass stays <= this, folded into the tail"},
                     },
                 },
                 "example": {"input_ids": [[504, 3575, 282, 4649, 314]], "k": 5, "temperature": 1.0},
@@ -279,6 +285,8 @@ def create_app(
         req = decode() if len(body) <= _INLINE_DECODE_BYTES else await asyncio.to_thread(decode)
         k = req.k if req.k is not None else min(settings.default_k, engine.vocab_size)
         fmt = response_format(request.headers.get("accept"), request_fmt)
+        if req.target_encoding == "coded" and fmt != "msgpack":
+            raise InvalidRequest("target_encoding 'coded' replies are binary: accept application/msgpack")
         check_reply_size(req.num_tokens, k, engine.vocab_size, fmt, req.num_score_ids, req.return_logsumexp)
         work = EngineRequest(req.sequences, k, req.temperature, req.score_ids, req.return_logsumexp)
         if hasattr(engine, "check_request"):  # an engine's own limits (vLLM: temperature 1 only) give 422, not 500
@@ -301,8 +309,10 @@ def create_app(
             weights_fingerprint=engine.weights_fingerprint,
             score_logprobs=rows.score_logprobs if req.score_ids is not None else None,
             logsumexp=rows.logsumexp if req.return_logsumexp else None,
+            target_encoding=req.target_encoding,
+            mass_cutoff=req.mass_cutoff,
         )
-        if fmt == "json":  # JSON of a big response takes a while: keep the event loop free
+        if fmt == "json" or req.target_encoding == "coded":  # JSON or coding a big reply takes a while: keep the loop free
             payload = await asyncio.to_thread(encode_topk_response, response, fmt)
         else:
             payload = encode_topk_response(response, fmt)

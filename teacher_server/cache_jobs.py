@@ -46,7 +46,12 @@ from teacher_server.engines.cache_fill import FillCancelled, cache_spec, fill_ca
 from teacher_server.errors import NotFound, Overloaded
 
 log = logging.getLogger(__name__)
-_FIELDS = {"dataset", "output", "split", "k", "temperature", "shard_size", "target_type", "q8_step"}
+_FIELDS = {"dataset", "output", "split", "k", "temperature", "shard_size", "target_type", "q8_step",
+           "code_step", "code_knee", "mass_cutoff"}
+# topk_coded's grid and cutoff (shared.target_codec): name -> (check, what it must be)
+_CODE_FIELDS = {"code_step": (lambda v: 0 < v <= 1, "a number in (0, 1] nats"),
+                "code_knee": (lambda v: 0 <= v <= 1e6, "a number >= 0 nats (0 = a uniform grid)"),
+                "mass_cutoff": (lambda v: 0 <= v < 1, "a number in [0, 1) (0 = no cutoff)")}
 STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 # Names are folder names, not arbitrary strings: a name component longer than the usual file-system
 # limit or a whole name longer than this can only fail later, with an OS error; refuse it up front.
@@ -233,9 +238,20 @@ class CacheJobs:
                 raise InvalidRequest(f"{name} must be a finite number > 0, found {value!r:.80}")
         if target_type not in TARGET_TYPES:
             raise InvalidRequest(f"target_type must be one of {list(TARGET_TYPES)}, found {target_type!r:.80}")
+        if target_type == "sampled" and k > 255:
+            raise InvalidRequest(f"target_type 'sampled' draws k ids a position, at most 255, found k={k}")
+        code = {}
+        for name, (ok, what) in _CODE_FIELDS.items():
+            value = body.get(name)
+            if value is not None and target_type != "topk_coded":
+                raise InvalidRequest(f"{name} applies to target_type 'topk_coded' only, found it with {target_type!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or not ok(value)):
+                raise InvalidRequest(f"{name} must be {what}, found {value!r:.80}")
+            code[name] = None if value is None else float(value)
         return {"dataset": body["dataset"], "output": body["output"], "split": split, "k": k,
                 "temperature": float(temperature), "shard_size": shard_size, "target_type": target_type,
-                "q8_step": float(q8_step)}
+                "q8_step": float(q8_step), **code}
 
     def create(self, body: Any, batcher_getter: Callable[[], DynamicBatcher]) -> dict[str, Any]:
         try:
@@ -337,7 +353,8 @@ class CacheJobs:
               cancel: threading.Event, data: Path, output: Path) -> None:
         check_dataset(data, job["split"], job["dataset"])
         spec = cache_spec(batcher.engine, data, job["split"], job["k"], job["temperature"], job["shard_size"],
-                          job["target_type"], job["q8_step"])
+                          job["target_type"], job["q8_step"], job.get("code_step"), job.get("code_knee"),
+                          job.get("mass_cutoff"))
         job["shards_total"] = spec.num_shards
         # A request must fit the batcher's queue on its own, or it would get 429 forever.
         per_request = min(16, batcher.max_queued_tokens // spec.max_seq_length)

@@ -17,13 +17,16 @@ from teacher_server.engines.topk_math import TopKRows
 @dataclass
 class EngineRequest:
     """One client's work: ``sequences`` (int64 arrays ``[L_i]``), its ``k`` and ``temperature``, and
-    (wire v1.1) ``score_ids`` int64 ``[sum(L), m]`` to score at each position and ``return_logsumexp``."""
+    (wire v1.1) ``score_ids`` int64 ``[sum(L), m]`` to score at each position and ``return_logsumexp``;
+    ``sample_n`` / ``sample_seed``: sampled targets instead of the top k (cache type ``sampled``)."""
 
     sequences: list[np.ndarray]
     k: int
     temperature: float
     score_ids: np.ndarray | None = None
     return_logsumexp: bool = False
+    sample_n: int | None = None  # sparse logit sampling: draw this many ids (k == sample_n) instead of the top k
+    sample_seed: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -44,8 +44,15 @@ class FillCancelled(RuntimeError):
 
 
 def cache_spec(engine: TopKEngine, data_dir: str | Path, split: str, k: int, temperature: float,
-               shard_size: int, target_type: str = "topk_fp16", q8_step: float | None = None) -> CacheSpec:
-    """The identity of a cache of ``engine``'s targets for one split of a shard set."""
+               shard_size: int, target_type: str = "topk_fp16", q8_step: float | None = None,
+               code_step: float | None = None, code_knee: float | None = None,
+               mass_cutoff: float | None = None) -> CacheSpec:
+    """The identity of a cache of ``engine``'s targets for one split of a shard set.
+
+    ``target_type="sampled"``: ``k`` is the number of draws per position (the engine samples them);
+    ``code_step`` / ``code_knee`` / ``mass_cutoff`` apply to ``topk_coded`` only (None = defaults).
+    """
+    coded = target_type == "topk_coded"
     reader = TokenShardReader(data_dir, split)
     return CacheSpec(
         teacher_model=engine.model_name, teacher_fingerprint=engine.weights_fingerprint,
@@ -53,7 +60,20 @@ def cache_spec(engine: TopKEngine, data_dir: str | Path, split: str, k: int, tem
         target_type=target_type, dataset_path=str(Path(data_dir).resolve()), dataset_fingerprint=reader.fingerprint,
         split=split, max_seq_length=reader.seq_len, num_sequences=len(reader), shard_size=shard_size,
         q8_step=q8_step if target_type == "topk_q8" else None,
+        code_step=code_step if coded else None, code_knee=code_knee if coded else None,
+        mass_cutoff=mass_cutoff if coded else None,
     )
+
+
+def fill_request(spec: CacheSpec, sequences: list[np.ndarray], first_row: int) -> EngineRequest:
+    """The engine request for ``sequences`` (dataset rows from ``first_row`` on) of a fill of ``spec``.
+
+    Sampled targets are seeded by their first dataset row, so a resumed or repeated fill draws the
+    same ids (given the same engine and device).
+    """
+    if spec.target_type == "sampled":
+        return EngineRequest(sequences, spec.k, spec.temperature, sample_n=spec.k, sample_seed=first_row)
+    return EngineRequest(sequences, spec.k, spec.temperature)
 
 
 def fill_cache(
@@ -97,7 +117,7 @@ def fill_cache(
                     raise FillCancelled(f"cancelled after {state.shards_done} of {state.shards_total} shards")
                 sequences = [input_ids[i, : lengths[i]].astype(np.int64)
                              for i in range(start, min(count, start + sequences_per_request))]
-                parts.append(score(EngineRequest(sequences, spec.k, spec.temperature)))
+                parts.append(score(fill_request(spec, sequences, first + start)))
             writer.write_shard(
                 shard_index, input_ids, lengths,
                 np.concatenate([p.indices for p in parts]), np.concatenate([p.logprobs for p in parts]),

@@ -170,6 +170,7 @@ class HFEngine:
             cursor += len(req.sequences)
             results.append(
                 topk_from_hidden(rows, lm_head, req.k, req.temperature, self.vocab_size, logit_softcap=self.logit_softcap,
-                                 score_ids=req.score_ids, return_logsumexp=req.return_logsumexp)
+                                 score_ids=req.score_ids, return_logsumexp=req.return_logsumexp,
+                                 sample_n=req.sample_n, sample_seed=req.sample_seed)
             )
         return results

@@ -270,6 +270,9 @@ class VLLMEngine:
         """One ``LLM.generate`` over all sequences of all requests, each with its own k."""
         for req in requests:
             self.check_request(req.k, req.temperature, scores=req.wants_scores)
+            if req.sample_n:
+                raise InvalidRequest("the vLLM engine cannot draw sampled targets (vLLM's prompt log-probs hold only "
+                                     "its top n, not the full distribution); use TEACHER_ENGINE=hf for them")
         prompts, params = [], []
         for req in requests:
             wanted = req.k + self.padded_rows
