@@ -40,7 +40,7 @@ from student_trainer.model.student import RetNetStudent
 from student_trainer.teachers import CachedTeacher, DirectTeacher
 from student_trainer.training.recipe import Evaluator, loss_config, train
 from teacher_server.engines.base import EngineRequest
-from teacher_server.engines.topk_math import TopKRows
+from teacher_server.engines.topk_math import TopKRows, topk_from_hidden
 from teacher_server.engines.cache_fill import cache_spec, fill_cache
 from teacher_server.engines.hf import HFEngine
 
@@ -121,9 +121,11 @@ def bench_read(workdir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps, to check the script")
-    parser.add_argument("--targets-only", action="store_true", help="skip the bytes/write/read sections")
+    parser.add_argument("--targets-only", action="store_true", help="only the smaller-targets training comparison")
+    parser.add_argument("--steps", type=int, default=450, help="training steps per target type (issue 17: >= 3 x 150)")
+    parser.add_argument("--variants", nargs="*", default=None, help="train only these variants (topk_fp16-k64 always)")
     args = parser.parse_args()
-    steps = 10 if args.quick else 150
+    steps = 10 if args.quick else args.steps
     print(json.dumps({"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -135,29 +137,45 @@ def main() -> None:
         preprocess(PreprocessConfig(inputs=["python-docs"], output=str(data), max_seq_length=128,
                                     val_fraction=0.05, progress=False))
         engine = HFEngine("smollm2-135m-instruct", device="cpu")
-        memo: dict[tuple, TopKRows] = {}
+        hidden_memo: dict[tuple, torch.Tensor] = {}
+        topk_memo: dict[tuple, TopKRows] = {}
 
         def score(request: EngineRequest) -> TopKRows:
-            """The teacher scores each request once at k=64; smaller k are cut from those scores
-            exactly (top-k of a sorted top-64, the dropped mass folded into the tail)."""
+            """The teacher's backbone runs once per request; every target type is made from those hidden
+            states: the top 64 once (smaller k cut from it exactly, the dropped mass folded into the
+            tail), sampled draws through the engine's own head and sampler with the fill's seed."""
             key = tuple(tuple(s.tolist()) for s in request.sequences)
-            if key not in memo:
+            if key not in hidden_memo:
                 started = time.perf_counter()
-                memo[key] = engine.topk([EngineRequest(request.sequences, 64, request.temperature)])[0]
+                hidden_memo[key] = torch.cat(engine.hidden_states(request.sequences), dim=0)
                 fill_seconds[0] += time.perf_counter() - started
-            rows, k = memo[key], request.k
+            if request.sample_n is not None:
+                return topk_from_hidden(hidden_memo[key], engine.lm_head, request.k, request.temperature,
+                                        engine.vocab_size, logit_softcap=engine.logit_softcap,
+                                        sample_n=request.sample_n, sample_seed=request.sample_seed)
+            if key not in topk_memo:
+                topk_memo[key] = topk_from_hidden(hidden_memo[key], engine.lm_head, 64, request.temperature,
+                                                  engine.vocab_size, logit_softcap=engine.logit_softcap)
+            rows, k = topk_memo[key], request.k
             tail = np.logaddexp.reduce(np.concatenate([rows.tail_logprob[:, None], rows.logprobs[:, k:]], axis=1), axis=1)
             return TopKRows(rows.indices[:, :k], rows.logprobs[:, :k], tail.astype(np.float32))
 
         fill_seconds = [0.0]
-        variants = [("topk_fp16", 64), ("topk_q8", 64), ("topk_q8", 32), ("topk_q8", 16)]
-        for target_type, k in variants:
+        # (name, target type, k or draws n, mass cutoff of topk_coded)
+        variants = [("topk_fp16-k64", "topk_fp16", 64, None), ("topk_q8-k64", "topk_q8", 64, None),
+                    ("topk_coded-k64", "topk_coded", 64, None), ("topk_coded-k32", "topk_coded", 32, None),
+                    ("topk_coded-k64-cut0.01", "topk_coded", 64, 0.01), ("topk_coded-k64-cut0.05", "topk_coded", 64, 0.05),
+                    ("sampled-n12", "sampled", 12, None), ("sampled-n24", "sampled", 24, None)]
+        if args.variants:
+            variants = [v for v in variants if v[0] in args.variants or v[0] == "topk_fp16-k64"]
+        for name, target_type, k, cutoff in variants:
             for split in ("train", "val"):
-                spec = cache_spec(engine, data, split, k, 1.0, 64, target_type, 1 / 16)
-                fill_cache(score, spec, data, workdir / f"{target_type}-k{k}" / split)
-        tokens = sum(len(s) for key in memo for s in key)
+                spec = cache_spec(engine, data, split, k, 1.0, 64, target_type, 1 / 16, mass_cutoff=cutoff)
+                fill_cache(score, spec, data, workdir / name / split)
+        tokens = sum(len(s) for key in hidden_memo for s in key)
         print(json.dumps({"bench": "cache_fill_embedded_teacher", "tokens": tokens,
-                          "tokens_per_s": round(tokens / fill_seconds[0], 1)}))
+                          "tokens_per_s": round(tokens / fill_seconds[0], 1)}), flush=True)
+        hidden_memo.clear()
 
         base = {"model_variant": "tiny", "device": "cpu", "train_data": str(data), "max_seq_length": 128, "batch_size": 4,
                 "max_steps": steps, "warmup_steps": max(1, steps // 10), "log_every": 1, "eval_every": steps,
@@ -168,18 +186,21 @@ def main() -> None:
         judge = load_config(None, [f"{k}={json.dumps(v)}" for k, v in {**base, "teacher_topk": 64}.items()])
         evaluator = Evaluator(PretokenizedShardDataset(data, "val"), reference, loss_config(judge), judge,
                               torch.device("cpu"), nullcontext())
-        for target_type, k in variants:
-            name = f"{target_type}-k{k}"
+        for name, target_type, k, cutoff in variants:
             settings = {**base, "output_dir": str(workdir / f"run-{name}"), "teacher_cache": str(workdir / name),
                         "teacher_topk": k}
             started = time.perf_counter()
             summary = train(load_config(None, [f"{key}={json.dumps(v)}" for key, v in settings.items()]))
             seconds = time.perf_counter() - started
             held_out = evaluator.run(RetNetStudent.load(Path(summary["checkpoint"]) / "model"))
-            print(json.dumps({"bench": "cached_training", "target_type": target_type, "k": k, "steps": steps,
-                              "bytes_per_token": bytes_per_token(target_type, k, 49152),
+            manifest = json.loads((workdir / name / "train" / "manifest.json").read_text())
+            print(json.dumps({"bench": "cached_training", "variant": name, "target_type": target_type, "k": k,
+                              "mass_cutoff": cutoff, "steps": steps, "bytes_per_token": manifest["bytes_per_token"],
                               "steps_per_s": round(steps / seconds, 2), "eval_kl_vs_k64_fp16": round(held_out["eval/kl"], 4),
-                              "eval_ppl": round(held_out["eval/ppl"], 1), "eval_top1": round(held_out["eval/top1_agreement"], 4)}))
+                              "eval_ppl": round(held_out["eval/ppl"], 1), "eval_top1": round(held_out["eval/top1_agreement"], 4)}),
+                  flush=True)
+        if args.targets_only:
+            return
         direct_steps = max(5, steps // 10)
         settings = {**base, "teacher_mode": "direct", "max_steps": direct_steps, "warmup_steps": 1, "eval_every": direct_steps,
                     "save_every": direct_steps, "output_dir": str(workdir / "run-direct"), "eval_batches": 1}

@@ -211,6 +211,34 @@ def main() -> None:
                                         "tv_mean", "tv_max", "encode_tps", "decode_tps", "decode_tps_big")]
         print(f"{r['variant']:<28}" + "".join(f"{str(c):>{w}}" for c, w in zip(cells, (10, 11, 8, 11, 9, 8, 12, 12, 12))))
     print(json.dumps({"bench": "codec", "cpus": os.cpu_count(), "rows": int(lengths.sum())}))
+    wire_bytes_per_step(lengths, ids, lp16, tail, V)
+
+
+def wire_bytes_per_step(lengths: np.ndarray, ids: np.ndarray, lp16: np.ndarray, tail: np.ndarray, vocab: int,
+                        rows_per_step: int = 4) -> None:
+    """Network mode: reply bytes of ``POST /v1/topk`` for one training step's request (``rows_per_step``
+    sequences), as the server encodes them (``shared.wire.encode_topk_response``, msgpack): v1 fp16
+    tensors vs the v1.2 coded encoding (``teacher_encoding=coded``, optional ``teacher_mass_cutoff``)."""
+    from shared.wire import TopKResponse, encode_topk_response
+
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    steps = [(s, min(s + rows_per_step, len(lengths))) for s in range(0, len(lengths), rows_per_step)]
+    totals: dict[str, int] = {}
+    for first, last in steps:
+        a, b = int(starts[first]), int(starts[last])
+        for name, encoding, cutoff in (("fp16 (v1)", "fp16", 0.0), ("coded", "coded", 0.0),
+                                       ("coded cutoff 0.01", "coded", 0.01), ("coded cutoff 0.05", "coded", 0.05)):
+            reply = TopKResponse(model="m", tokenizer_sha256="0" * 64, vocab_size=vocab, k=K, temperature=1.0,
+                                 lengths=[int(x) for x in lengths[first:last]], indices=ids[a:b].astype(np.uint16),
+                                 logprobs=lp16[a:b].astype(np.float16), tail_logprob=tail[a:b],
+                                 target_encoding=encoding, mass_cutoff=cutoff)
+            totals[name] = totals.get(name, 0) + len(encode_topk_response(reply, "msgpack"))
+    tokens = int(lengths.sum())
+    for name, total in totals.items():
+        print(json.dumps({"bench": "wire_bytes_per_step", "encoding": name, "rows_per_step": rows_per_step,
+                          "steps": len(steps), "bytes_per_step": round(total / len(steps)),
+                          "bytes_per_token": round(total / tokens, 1),
+                          "fewer_than_v1": round(totals["fp16 (v1)"] / total, 2)}))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -226,3 +227,54 @@ def test_prefetch_hides_a_slow_teacher_up_to_its_depth(server, roots, tmp_path, 
         proxy.close()
     assert waits[0] >= 0.25  # every step waits for the full delay
     assert waits[4] < 0.5 * waits[0], waits  # with 4 requests in flight most of the delay is hidden
+
+
+def _dense(indices: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[..., k]`` sparse log-probs -> ``[..., vocab]`` probabilities (padding entries carry no mass)."""
+    dense = torch.zeros((*indices.shape[:-1], vocab), dtype=torch.float64)
+    return dense.scatter_add_(-1, indices.long(), logprobs.double().exp())
+
+
+@pytest.mark.parametrize("mass_cutoff", [0.0, 0.05])
+def test_coded_network_targets_are_the_direct_ones_within_the_codec_bound(server, roots, tiny_engine, mass_cutoff) -> None:
+    from shared.cache_format import DEFAULT_CODE_KNEE, DEFAULT_CODE_STEP
+    from shared.target_codec import error_bound
+
+    manifest = read_manifest(roots[0] / "docs")
+    dataset = PretokenizedShardDataset(roots[0] / "docs", "train")
+    batch = Batch.from_rows([dataset[i] for i in (1, 40, 7, 12)])
+    direct = DirectTeacher(tiny_engine, k=16, temperature=1.0).targets_for(batch.input_ids, batch.lengths, batch.indices)
+    teachers = {encoding: NetworkTeacher([server.url], 16, 1.0, manifest["tokenizer_sha256"], manifest["vocab_size"],
+                                         api_key="key", teacher_model=server.model, target_encoding=encoding,
+                                         mass_cutoff=mass_cutoff if encoding == "coded" else 0.0)
+                for encoding in ("fp16", "coded")}
+    try:
+        targets = {name: t.targets_for(batch.input_ids, batch.lengths, batch.indices) for name, t in teachers.items()}
+        received = {name: t.stats["bytes_received"] for name, t in teachers.items()}
+    finally:
+        for teacher in teachers.values():
+            teacher.close()
+    coded, vocab = targets["coded"], manifest["vocab_size"]
+    valid = torch.isfinite(direct.tail_logprob) | torch.isfinite(direct.logprobs).any(-1)  # real rows
+    # every kept id is one of the teacher's top 16, its log-prob within the grid's documented bound
+    p_direct, p_coded = _dense(direct.indices, direct.logprobs, vocab), _dense(coded.indices, coded.logprobs, vocab)
+    kept = p_coded > 0
+    assert not (kept & (p_direct == 0)).any()
+    bound = torch.from_numpy(error_bound(np.log(p_direct[kept].numpy()), DEFAULT_CODE_STEP, DEFAULT_CODE_KNEE))
+    assert ((p_coded[kept].log() - p_direct[kept].log()).abs() <= bound + 1e-6).all()
+    # mass is conserved: what the cutoff drops is in the tail
+    total = p_coded.sum(-1) + coded.tail_logprob.double().exp()
+    assert torch.allclose(total[valid], (p_direct.sum(-1) + direct.tail_logprob.double().exp())[valid], atol=2e-2)
+    if mass_cutoff:
+        assert kept.sum() < (p_direct > 0).sum()  # the cutoff dropped ids
+        assert ((coded.tail_logprob.double().exp() - direct.tail_logprob.double().exp())[valid] <= mass_cutoff + 1e-6).all()
+    else:
+        torch.testing.assert_close(coded.tail_logprob[valid], direct.tail_logprob[valid])  # the tail travels exactly
+    assert received["coded"] < received["fp16"]
+
+
+def test_a_mass_cutoff_without_the_coded_encoding_is_refused(tmp_path, roots) -> None:
+    from student_trainer.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="teacher_mass_cutoff .* needs teacher_encoding=coded"):
+        tiny_config(tmp_path, roots[0] / "docs", teacher_mass_cutoff=0.05)

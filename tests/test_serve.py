@@ -494,8 +494,7 @@ def test_idle_prefill_forwards_hold_at_most_prefill_batch_tokens(loaded):
 GLIBC_RETENTION_PROBE = """
 import sys
 import numpy as np
-from student_trainer.serving.app import set_malloc_mmap_threshold
-print(set_malloc_mmap_threshold(int(sys.argv[1])))
+from student_trainer.serving.engine import release_freed_memory
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 big = np.ones(16 << 20, np.uint8); del big  # freeing a 16 MB mmapped block raises glibc's adaptive threshold
@@ -505,20 +504,43 @@ for _ in range(32):  # 128 MB of 4 MB activations, each followed by a small live
     blocks.append(np.ones(4 << 20, np.uint8)); kept.append(bytearray(4096))
 del blocks
 print((rss() - base) >> 20)
+print(release_freed_memory() if sys.argv[1] == "release" else False)
+print((rss() - base) >> 20)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_a_fixed_mmap_threshold_returns_freed_activations_to_the_os() -> None:
-    """Why the server fixes glibc's mmap threshold: with the adaptive one, freed blocks below the largest
-    block freed so far stay in the heap (RSS keeps them); with it fixed at 1 MiB they go back to the OS."""
-    def retained(threshold: int) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", GLIBC_RETENTION_PROBE, str(threshold)], capture_output=True,
-                             text=True, check=True).stdout.split()
-        return out[0], int(out[1])
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_released_prefill_memory_goes_back_to_the_os() -> None:
+    """Why the engine trims the heap after prefill forwards: glibc keeps freed activations that sit below
+    live objects in the heap (the RSS keeps them); malloc_trim hands their pages back."""
+    def retained(mode: str) -> list[str]:
+        return subprocess.run([sys.executable, "-c", GLIBC_RETENTION_PROBE, mode], capture_output=True, text=True,
+                              check=True).stdout.split()
 
-    assert retained(0) == ("False", pytest.approx(128, abs=8))  # glibc's default: the heap keeps the 128 MB
-    applied, kept_mb = retained(1 << 20)
-    assert applied == "True" and kept_mb <= 4
-    with pytest.raises(ValueError, match="malloc_mmap_threshold"):
-        ServeSettings(checkpoint="x", malloc_mmap_threshold=64 << 20)  # above glibc's 32 MiB limit
+    kept, ran, after = retained("keep")
+    assert int(kept) == pytest.approx(128, abs=8) and ran == "False" and int(after) == int(kept)
+    kept, ran, after = retained("release")
+    assert int(kept) == pytest.approx(128, abs=8) and ran == "True" and int(after) <= 4
+
+
+def test_the_engine_releases_memory_after_prefill_turns_only(loaded) -> None:
+    from student_trainer.serving.engine import Engine, SamplingParams
+
+    prompt = loaded.tokenizer("a prompt of a few words, long enough for several chunks of eight tokens")["input_ids"]
+    for release in (True, False):
+        engine = Engine(loaded.student, loaded.tokenizer, prefill_tokens=8, release_prefill_memory=release)
+        loop = asyncio.new_event_loop()
+
+        async def submit() -> None:
+            engine.submit(prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+
+        loop.run_until_complete(submit())
+        engine.iterate()
+        turns = 1
+        while engine.prefilling:
+            engine.iterate()
+            turns += 1
+        assert engine.memory_releases == (turns if release else 0)  # one per turn that ran a prefill forward
+        engine.iterate()  # a decode-only turn
+        assert engine.memory_releases == (turns if release else 0)
+        loop.close()

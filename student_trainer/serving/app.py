@@ -10,7 +10,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -93,7 +92,7 @@ class ServerState:
     def serve(self, loaded: LoadedModel) -> None:
         s = self.settings
         engine = Engine(loaded.student, loaded.tokenizer, s.max_batch_size, s.prefill_tokens, s.max_waiting_requests,
-                        self.metrics.on_step, s.prefill_batch_tokens)
+                        self.metrics.on_step, s.prefill_batch_tokens, s.release_prefill_memory)
         self.metrics.active_requests.set_function(lambda: len(engine.active))
         self.metrics.waiting_requests.set_function(lambda: engine.waiting)
         engine.start()
@@ -320,32 +319,9 @@ def _data(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body)}\n\n"
 
 
-def set_malloc_mmap_threshold(threshold: int) -> bool:
-    """Fix glibc's mmap threshold at ``threshold`` bytes (0: leave glibc's adaptive one); True when set.
-
-    glibc raises its threshold to the size of every mmapped block it frees, so after the first long prefill
-    its activations come from the heap, and the heap keeps them after they are freed: the server's RSS grew
-    with the longest prompt it had seen (1.38x from 128- to 4,096-token prompts at 32 streams). A fixed
-    threshold keeps big blocks mmapped and returns them when freed (RESULTS.md "Serving")."""
-    if threshold <= 0 or not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
-        return False
-    m_mmap_threshold = -3  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, int(threshold)))
-
-
 def run(settings: ServeSettings) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn)."""
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if set_malloc_mmap_threshold(settings.malloc_mmap_threshold):
-        log.info("glibc mmap threshold fixed at %d bytes", settings.malloc_mmap_threshold)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)

@@ -27,10 +27,9 @@ class ServeSettings(BaseSettings):
     port: int = Field(8001, ge=0, le=65535, description="bind port")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
     torch_threads: int = Field(0, ge=0, description="CPU threads of the decode loop (0: torch's default)")
-    malloc_mmap_threshold: int = Field(
-        1 << 20, ge=0, le=32 << 20, description="glibc only: blocks of at least this many bytes are mmapped, so a freed "
-        "prefill activation goes back to the OS and the RSS stays flat over prompt lengths (0: glibc's own adaptive "
-        "threshold, which keeps freed prefill memory in the heap; at most 32 MiB, glibc's limit)")
+    release_prefill_memory: bool = Field(
+        True, description="glibc only: malloc_trim after every prefill forward, so the heap gives the freed prefill "
+        "activations back to the OS and the RSS does not keep the longest prompt's working memory")
     model_cache_dir: str = Field("~/.cache/retnet-distill/models", description="where GGUF tokenizers are converted once")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request sends none")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for (more: 400)")

@@ -126,13 +126,17 @@ class NetworkTeacher:
         allow_mismatch: log a warning instead of refusing another model or other weights.
         max_sequence_length, max_request_tokens: the longest row and the most tokens one request of
             this run sends; a service whose limits are smaller is refused at start.
+        target_encoding: ``"fp16"`` (wire v1 tensors) or ``"coded"`` (wire v1.2: one CRC-checked codec block
+            per reply, decoded into the same targets; a corrupt block is a failed reply, retried).
+        mass_cutoff: with ``"coded"``, the server drops each row's least likely ids up to this mass (into the tail).
     """
 
     def __init__(self, urls: list[str], k: int, temperature: float, tokenizer_sha256: str, vocab_size: int,
                  api_key: str | None = None, connect_timeout: float = 5.0, read_timeout: float = 300.0,
                  retries: int = 4, backoff: float = 0.5, deadline_s: float = 0.0, teacher_model: str | None = None,
                  weights_fingerprint: str | None = None, allow_mismatch: bool = False,
-                 max_sequence_length: int | None = None, max_request_tokens: int | None = None) -> None:
+                 max_sequence_length: int | None = None, max_request_tokens: int | None = None,
+                 target_encoding: str = "fp16", mass_cutoff: float = 0.0) -> None:
         if not urls:
             raise ValueError("teacher_url is empty: give at least one teacher service URL")
         self.urls = [url.rstrip("/") for url in urls]
@@ -140,6 +144,11 @@ class NetworkTeacher:
             if httpx.URL(url).scheme not in ("http", "https") or not httpx.URL(url).host:
                 raise ValueError(f"teacher_url must be http(s)://HOST:PORT, found {url!r}")
         self.k, self.temperature, self.retries, self.backoff = k, temperature, retries, backoff
+        if target_encoding not in ("fp16", "coded"):
+            raise ValueError(f"target_encoding must be 'fp16' or 'coded', found {target_encoding!r}")
+        # v1 requests stay byte for byte v1: the v1.2 fields are sent only when asked for
+        self._encoding = {} if target_encoding == "fp16" else {
+            "target_encoding": "coded", **({"mass_cutoff": float(mass_cutoff)} if mass_cutoff else {})}
         self.deadline_s, self.allow_mismatch = deadline_s, allow_mismatch
         self.headers = {"Content-Type": MSGPACK, "Accept": MSGPACK}
         if api_key:
@@ -333,7 +342,7 @@ class NetworkTeacher:
 
     def _submit(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> Future:
         body = encode_topk_request(unpadded_rows(input_ids, lengths, np.int32), k=self.k, temperature=self.temperature,
-                                   fmt="msgpack")
+                                   fmt="msgpack", **self._encoding)
         return asyncio.run_coroutine_threadsafe(self._request(body, lengths.tolist()), self._loop)
 
     def prefetch(self, input_ids: torch.Tensor, lengths: torch.Tensor, indices: torch.Tensor, split: str = "train") -> None:

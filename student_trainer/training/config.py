@@ -81,6 +81,11 @@ class TrainConfig:
     teacher_retries: int = 4  # network mode: retries of a request (across replicas)
     teacher_deadline_s: float = 300.0  # network mode without fallback: keep retrying this long, then checkpoint + stop
     teacher_probe_s: float = 10.0  # network mode on a fallback: how often to check whether the service is back
+    # network mode: how targets travel. fp16: wire v1 tensors (260 B/token at k=64); coded: wire v1.2, one
+    # checksummed codec block per reply (ids as delta-coded sets, log-probs on a grid, exact tail: README "Compact
+    # teacher targets"), with teacher_mass_cutoff > 0 dropping each row's least likely ids up to that mass.
+    teacher_encoding: Literal["fp16", "coded"] = "fp16"
+    teacher_mass_cutoff: float = 0.0
     teacher_cache: str | None = None  # cached mode: a folder written by `retnet-distill cache`
     teacher_cache_verify: bool = True  # cached mode: check each shard's sha256 at its first read (once per file)
     teacher_model: str = "smollm2-135m-instruct"  # network/cached modes: the served/cached teacher must be this one
@@ -166,6 +171,11 @@ class TrainConfig:
             raise ConfigError("distributed=fsdp2 needs optimizer=adamw: torch's Muon would orthogonalise each rank's "
                               "shard of a weight matrix instead of the whole matrix; set optimizer=adamw, or "
                               "distributed=ddp to keep Muon")
+        if not 0 <= self.teacher_mass_cutoff < 1:
+            raise ConfigError(f"teacher_mass_cutoff must be in [0, 1) (0: keep every id), found {self.teacher_mass_cutoff}")
+        if self.teacher_mass_cutoff and self.teacher_encoding != "coded":
+            raise ConfigError(f"teacher_mass_cutoff ({self.teacher_mass_cutoff}) needs teacher_encoding=coded (the fp16 "
+                              "encoding sends every id); set teacher_encoding=coded or teacher_mass_cutoff=0")
         if self.teacher_mode == "network" and self.dist_timeout_s <= self.teacher_deadline_s:
             raise ConfigError(f"dist_timeout_s ({self.dist_timeout_s}) must be > teacher_deadline_s "
                               f"({self.teacher_deadline_s}): the other ranks wait that long for a rank whose "

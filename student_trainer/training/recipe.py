@@ -84,7 +84,8 @@ def build_teacher(config: TrainConfig, data_manifest: dict[str, Any], on_switch=
                               deadline_s=config.teacher_deadline_s, teacher_model=model_name(config.teacher_model),
                               weights_fingerprint=config.teacher_fingerprint,
                               allow_mismatch=config.allow_teacher_mismatch, max_sequence_length=config.max_seq_length,
-                              max_request_tokens=config.batch_size * config.max_seq_length)
+                              max_request_tokens=config.batch_size * config.max_seq_length,
+                              target_encoding=config.teacher_encoding, mass_cutoff=config.teacher_mass_cutoff)
     else:
         source = DirectTeacher.load(config.teacher_model, config.teacher_topk, config.temperature,
                                     device=config.teacher_device, dtype=config.teacher_dtype,
