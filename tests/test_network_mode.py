@@ -262,9 +262,12 @@ def test_coded_network_targets_are_the_direct_ones_within_the_codec_bound(server
     assert not (kept & (p_direct == 0)).any()
     bound = torch.from_numpy(error_bound(np.log(p_direct[kept].numpy()), DEFAULT_CODE_STEP, DEFAULT_CODE_KNEE))
     assert ((p_coded[kept].log() - p_direct[kept].log()).abs() <= bound + 1e-6).all()
-    # mass is conserved: what the cutoff drops is in the tail
+    # mass is conserved up to the grid's error on the kept entries: what the cutoff drops is in the tail
+    slack = torch.zeros_like(p_direct)
+    slack[kept] = p_direct[kept] * (bound.double().exp() - 1)
     total = p_coded.sum(-1) + coded.tail_logprob.double().exp()
-    assert torch.allclose(total[valid], (p_direct.sum(-1) + direct.tail_logprob.double().exp())[valid], atol=2e-2)
+    reference = p_direct.sum(-1) + direct.tail_logprob.double().exp()
+    assert ((total - reference).abs()[valid] <= slack.sum(-1)[valid] + 1e-5).all()
     if mass_cutoff:
         assert kept.sum() < (p_direct > 0).sum()  # the cutoff dropped ids
         assert ((coded.tail_logprob.double().exp() - direct.tail_logprob.double().exp())[valid] <= mass_cutoff + 1e-6).all()
