@@ -211,14 +211,15 @@ def main() -> None:
                                         "tv_mean", "tv_max", "encode_tps", "decode_tps", "decode_tps_big")]
         print(f"{r['variant']:<28}" + "".join(f"{str(c):>{w}}" for c, w in zip(cells, (10, 11, 8, 11, 9, 8, 12, 12, 12))))
     print(json.dumps({"bench": "codec", "cpus": os.cpu_count(), "rows": int(lengths.sum())}))
-    wire_bytes_per_step(lengths, ids, lp16, tail, V)
+    wire_bytes_per_step(lengths, ids, lp16, tail, V, {n: (t[f"s{n}"], t[f"c{n}"]) for n in (12, 24)})
 
 
 def wire_bytes_per_step(lengths: np.ndarray, ids: np.ndarray, lp16: np.ndarray, tail: np.ndarray, vocab: int,
-                        rows_per_step: int = 4) -> None:
+                        sampled: dict[int, tuple[np.ndarray, np.ndarray]], rows_per_step: int = 4) -> None:
     """Network mode: reply bytes of ``POST /v1/topk`` for one training step's request (``rows_per_step``
     sequences), as the server encodes them (``shared.wire.encode_topk_response``, msgpack): v1 fp16
-    tensors vs the v1.2 coded encoding (``teacher_encoding=coded``, optional ``teacher_mass_cutoff``)."""
+    tensors vs the v1.2 coded encoding (``teacher_encoding=coded``, optional ``teacher_mass_cutoff``) and sampled
+    replies (``teacher_encoding=sampled``: ``sampled[n] = (ids [R, n], counts [R, n])``)."""
     from shared.wire import TopKResponse, encode_topk_response
 
     starts = np.concatenate([[0], np.cumsum(lengths)])
@@ -232,6 +233,14 @@ def wire_bytes_per_step(lengths: np.ndarray, ids: np.ndarray, lp16: np.ndarray, 
                                  lengths=[int(x) for x in lengths[first:last]], indices=ids[a:b].astype(np.uint16),
                                  logprobs=lp16[a:b].astype(np.float16), tail_logprob=tail[a:b],
                                  target_encoding=encoding, mass_cutoff=cutoff)
+            totals[name] = totals.get(name, 0) + len(encode_topk_response(reply, "msgpack"))
+        for n, (s_ids, s_counts) in sampled.items():
+            with np.errstate(divide="ignore"):
+                s_lp = np.where(s_counts[a:b] > 0, np.log(s_counts[a:b] / n), -np.inf).astype(np.float32)
+            reply = TopKResponse(model="m", tokenizer_sha256="0" * 64, vocab_size=vocab, k=n, temperature=1.0,
+                                 lengths=[int(x) for x in lengths[first:last]], indices=s_ids[a:b].astype(np.uint16),
+                                 logprobs=s_lp, tail_logprob=np.full(b - a, -np.inf, np.float32), target_encoding="sampled")
+            name = f"sampled n={n}"
             totals[name] = totals.get(name, 0) + len(encode_topk_response(reply, "msgpack"))
     tokens = int(lengths.sum())
     for name, total in totals.items():

@@ -14,8 +14,8 @@ gets the v1 reply, byte for byte:
 - request ``return_logsumexp: true``; reply ``logsumexp`` ``[sum(L)]`` float32 of ``logits / T``,
   so ``logprob = logit / T - logsumexp`` for any id.
 
-v1.2 adds ``target_encoding: "coded"`` (and ``mass_cutoff``): a compact, checksummed reply
-(``shared/wire_coded.py``); without it the reply is v1.
+v1.2 adds ``target_encoding: "coded"`` (and ``mass_cutoff``) and ``"sampled"`` (and ``sample_seed``):
+a compact, checksummed reply (``shared/wire_coded.py``); without it the reply is v1.
 
 Both msgpack (``application/msgpack``, the fast path) and JSON (``application/json``, for curl) are
 supported. Nothing here imports a web framework or torch, so trainer and server share it.
@@ -47,7 +47,8 @@ from shared.wire_checks import (
     max_body_bytes,
     too_many_tokens,
 )
-from shared.wire_coded import CODED_FIELDS, decode_coded_reply, encode_coded_reply, encoding_from_body
+from shared.wire_coded import (CODED_FIELDS, MAX_SAMPLED_K, decode_coded_reply, encode_coded_reply, encode_sampled_reply,
+                               encoding_from_body, sample_seed_from_body)
 from shared.wire_scores import (
     SCORE_ENTRY_BYTES,
     SCORE_FIELDS,
@@ -127,8 +128,9 @@ class TopKRequest:
         temperature: applied to the teacher's logits before the softmax (``> 0``, finite).
         score_ids: v1.1, int64 ``[sum(L), m]`` ids to score at each position, or None.
         return_logsumexp: v1.1, whether the reply carries ``logsumexp(logits / T)`` per position.
-        target_encoding: v1.2, ``"fp16"`` (v1 tensors) or ``"coded"`` (one checksummed codec block);
-            mass_cutoff: v1.2, the coded reply's per-row mass cutoff (see :mod:`shared.wire_coded`).
+        target_encoding: v1.2, ``"fp16"`` (v1 tensors), ``"coded"`` (one checksummed codec block) or
+            ``"sampled"`` (``k`` draws per position, ids + counts); mass_cutoff: the coded reply's per-row
+            mass cutoff; sample_seed: the sampled reply's seed (see :mod:`shared.wire_coded`).
     """
 
     sequences: list[np.ndarray]
@@ -138,6 +140,7 @@ class TopKRequest:
     return_logsumexp: bool = False
     target_encoding: str = "fp16"
     mass_cutoff: float = 0.0
+    sample_seed: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -195,6 +198,7 @@ def encode_topk_request(
     return_logsumexp: bool = False,
     target_encoding: str | None = None,
     mass_cutoff: float | None = None,
+    sample_seed: int | None = None,
 ) -> bytes:
     """Encode a request. msgpack sends one packed int32 tensor plus ``lengths`` (no per-id objects).
 
@@ -214,6 +218,8 @@ def encode_topk_request(
         body["target_encoding"] = target_encoding
     if mass_cutoff is not None:
         body["mass_cutoff"] = float(mass_cutoff)
+    if sample_seed is not None:
+        body["sample_seed"] = int(sample_seed)
     if fmt == "msgpack":
         arrays = [np.asarray(s, dtype=np.int32).reshape(-1) for s in sequences]
         body["input_ids"] = encode_tensor_msgpack(np.concatenate(arrays) if arrays else np.zeros(0, np.int32))
@@ -351,8 +357,15 @@ def decode_topk_request(
         score_ids = score_ids_from_body(score_ids, fmt, [len(s) for s in sequences], max_score_ids)
     return_logsumexp = flag_from_body(obj.get("return_logsumexp"), "return_logsumexp")
     encoding, cutoff = encoding_from_body(obj, fmt)
+    if encoding == "sampled":
+        if k is None or not 1 <= k <= MAX_SAMPLED_K:
+            raise InvalidRequest(f"target_encoding 'sampled' needs k (the draws per position) in [1, {MAX_SAMPLED_K}], "
+                                 f"found {describe(k)}")
+        if score_ids is not None or return_logsumexp:
+            raise InvalidRequest("target_encoding 'sampled' does not combine with score_ids or return_logsumexp; "
+                                 "send those in a request of their own")
     return TopKRequest(sequences=sequences, k=k, temperature=value, score_ids=score_ids, return_logsumexp=return_logsumexp,
-                       target_encoding=encoding, mass_cutoff=cutoff)
+                       target_encoding=encoding, mass_cutoff=cutoff, sample_seed=sample_seed_from_body(obj, encoding))
 
 
 # -------------------------------------------------------------------------------------- response
@@ -429,12 +442,14 @@ def encode_topk_response(response: TopKResponse, fmt: WireFormat) -> bytes:
     if response.weights_fingerprint:  # optional: v1 clients ignore it
         body["weights_fingerprint"] = response.weights_fingerprint
     extra = reply_tensors_to_wire({"score_logprobs": response.score_logprobs, "logsumexp": response.logsumexp}, fmt)
-    if response.target_encoding == "coded":
+    if response.target_encoding in ("coded", "sampled"):
         if fmt != "msgpack":
-            raise InvalidRequest("target_encoding 'coded' replies are binary: accept application/msgpack")
-        body["target_encoding"] = "coded"
-        body["targets_coded"] = encode_coded_reply(response.indices, response.logprobs, response.tail_logprob,
-                                                   response.vocab_size, response.mass_cutoff)
+            raise InvalidRequest(f"target_encoding {response.target_encoding!r} replies are binary: accept application/msgpack")
+        body["target_encoding"] = response.target_encoding
+        body["targets_coded"] = (
+            encode_coded_reply(response.indices, response.logprobs, response.tail_logprob, response.vocab_size,
+                               response.mass_cutoff) if response.target_encoding == "coded"
+            else encode_sampled_reply(response.indices, response.logprobs, response.k, response.vocab_size))
         body.update(extra)
         return msgpack.packb(body, use_bin_type=True)
     if fmt == "msgpack":
@@ -449,7 +464,7 @@ def encode_topk_response(response: TopKResponse, fmt: WireFormat) -> bytes:
 def decode_topk_response(body: bytes, fmt: WireFormat) -> TopKResponse:
     """Decode a response (client side) and check that shapes agree with ``lengths`` and ``k``."""
     obj = _load_body(body, fmt)
-    coded = isinstance(obj, dict) and obj.get("target_encoding") == "coded"
+    coded = isinstance(obj, dict) and obj.get("target_encoding") in ("coded", "sampled")
     if not isinstance(obj, dict) or ("indices" not in obj and not coded):
         raise MalformedBody(f"not a /v1/topk response: {str(obj)[:200]}")
     if coded:
@@ -477,7 +492,7 @@ def decode_topk_response(body: bytes, fmt: WireFormat) -> TopKResponse:
         timing=obj.get("timing", {}),
         protocol=obj.get("protocol", PROTOCOL_VERSION),
         weights_fingerprint=str(obj.get("weights_fingerprint", "")),
-        target_encoding="coded" if coded else "fp16",
+        target_encoding=obj["target_encoding"] if coded else "fp16",
         **tensors,
     )
 

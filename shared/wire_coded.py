@@ -8,6 +8,11 @@ Request fields (optional; without them the reply is the v1 reply, byte for byte)
   ``tail_logprob``; msgpack only (the block is binary).
 - ``mass_cutoff``: with ``"coded"``, drop each row's least likely ids while their mass stays ``<=``
   this (``[0, 1)``, default 0), their mass folded exactly into the tail.
+- ``target_encoding: "sampled"`` (with ``sample_seed``, an integer in ``[0, 2**63)``, default 0):
+  instead of the top k, ``k`` ids drawn per position from the teacher's distribution at the request's
+  temperature (sparse logit sampling; ``k <= 255``), returned as one block of distinct ids + counts
+  that decodes to ``logprobs = log(count / k)`` with no tail. The same body (ids, k, temperature, seed)
+  draws the same ids, so a retried request gets the same targets.
 
 A coded reply has ``"target_encoding": "coded"`` and ``"targets_coded": <bin>``; the client checks
 the block's CRC32 and structure (:func:`shared.target_codec.decode`) and that it holds
@@ -26,23 +31,37 @@ from shared import target_codec as tc
 from shared.errors import InvalidRequest, MalformedBody
 from shared.wire_checks import describe
 
-CODED_FIELDS = ("target_encoding", "mass_cutoff")
-ENCODINGS = ("fp16", "coded")
+CODED_FIELDS = ("target_encoding", "mass_cutoff", "sample_seed")
+ENCODINGS = ("fp16", "coded", "sampled")
+MAX_SAMPLED_K = 255  # counts travel as one byte
+_KINDS = {"coded": "topk_coded", "sampled": "sampled"}  # wire encoding -> codec block kind
+
+
+def sample_seed_from_body(obj: dict[str, Any], encoding: str) -> int:
+    """The request's ``sample_seed`` (default 0); only with ``target_encoding: "sampled"``."""
+    seed = obj.get("sample_seed")
+    if seed is None:
+        return 0
+    if encoding != "sampled":
+        raise InvalidRequest("sample_seed goes with target_encoding 'sampled'; leave it out or ask for 'sampled'")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InvalidRequest(f"sample_seed must be an integer in [0, 2**63), found {describe(seed)}")
+    return seed
 
 
 def encoding_from_body(obj: dict[str, Any], fmt: str) -> tuple[str, float]:
     """``(target_encoding, mass_cutoff)`` of a request body (defaults ``"fp16"``, 0).
 
     Raises:
-        InvalidRequest: an unknown encoding, ``"coded"`` in a JSON body, or a bad ``mass_cutoff``.
+        InvalidRequest: an unknown encoding, ``"coded"`` or ``"sampled"`` in a JSON body, or a bad ``mass_cutoff``.
     """
     encoding = obj.get("target_encoding", "fp16")
     if encoding is None:
         encoding = "fp16"
     if encoding not in ENCODINGS:
         raise InvalidRequest(f"target_encoding must be one of {list(ENCODINGS)}, found {describe(encoding)}")
-    if encoding == "coded" and fmt != "msgpack":
-        raise InvalidRequest("target_encoding 'coded' replies are binary: send the request as application/msgpack")
+    if encoding != "fp16" and fmt != "msgpack":
+        raise InvalidRequest(f"target_encoding {encoding!r} replies are binary: send the request as application/msgpack")
     cutoff = obj.get("mass_cutoff")
     if cutoff is None:
         return encoding, 0.0
@@ -60,21 +79,29 @@ def encode_coded_reply(indices: np.ndarray, logprobs: np.ndarray, tail: np.ndarr
     return tc.encode_topk(indices, logprobs, tail, vocab_size, eps=mass_cutoff, level=3)  # level 3: the server's CPU
 
 
+def encode_sampled_reply(indices: np.ndarray, logprobs: np.ndarray, k: int, vocab_size: int) -> bytes:
+    """One codec block for sampled targets ``indices [R, k]`` with ``logprobs = log(count / k)`` (the engine's
+    ``sample_n = k`` output)."""
+    counts = tc.sampled_from_targets(indices, logprobs, k)
+    return tc.encode_sampled(indices, counts, k, vocab_size, level=3)
+
+
 def decode_coded_reply(obj: dict[str, Any], rows: int, k: int, vocab_size: int) -> dict[str, np.ndarray]:
     """``indices``, ``logprobs`` (float32) and ``tail_logprob`` from a coded reply's ``targets_coded``.
 
     Raises:
         MalformedBody: the block is missing, corrupt (CRC32, truncation, counts) or for other rows/k/vocab.
     """
+    kind = _KINDS.get(obj.get("target_encoding"), "topk_coded")
     block = obj.get("targets_coded")
     if not isinstance(block, (bytes, bytearray)):
         raise MalformedBody(f"a coded /v1/topk reply must carry 'targets_coded' as binary, found {type(block).__name__}")
     try:
         header = tc.read_header(bytes(block))
         found = (header["kind"], header["rows"], header["k"], header["vocab_size"])
-        if found != ("topk_coded", rows, k, vocab_size):
+        if found != (kind, rows, k, vocab_size):
             raise MalformedBody(f"the coded reply holds (kind, rows, k, vocab) = {found}, expected "
-                                f"('topk_coded', {rows}, {k}, {vocab_size}) from its lengths, k and vocab_size")
+                                f"({kind!r}, {rows}, {k}, {vocab_size}) from its encoding, lengths, k and vocab_size")
         targets = tc.decode(bytes(block))
     except tc.TargetCodecError as exc:
         raise MalformedBody(f"corrupt coded /v1/topk reply, refused: {exc}") from None

@@ -68,9 +68,12 @@ _TOPK_OPENAPI = {
                         },
                         "return_logsumexp": {"type": "boolean", "default": False,
                                              "description": "v1.1: also return logsumexp(logits / T) per position"},
-                        "target_encoding": {"type": "string", "enum": ["fp16", "coded"], "default": "fp16",
+                        "target_encoding": {"type": "string", "enum": ["fp16", "coded", "sampled"], "default": "fp16",
                                             "description": "v1.2: 'coded' (msgpack only) replies with one compact, "
-                                                           "CRC-checked block 'targets_coded' (shared/wire_coded.py)"},
+                                                           "CRC-checked block 'targets_coded' (shared/wire_coded.py); "
+                                                           "'sampled': k ids drawn per position, ids + counts"},
+                        "sample_seed": {"type": "integer", "minimum": 0, "default": 0,
+                                        "description": "v1.2, with 'sampled': seeds the draws (same body, same ids)"},
                         "mass_cutoff": {"type": "number", "minimum": 0, "exclusiveMaximum": 1,
                                         "description": "v1.2, with 'coded': drop each row's least likely ids while "
                                                        "their mass stays <= this, folded into the tail"},
@@ -285,10 +288,15 @@ def create_app(
         req = decode() if len(body) <= _INLINE_DECODE_BYTES else await asyncio.to_thread(decode)
         k = req.k if req.k is not None else min(settings.default_k, engine.vocab_size)
         fmt = response_format(request.headers.get("accept"), request_fmt)
-        if req.target_encoding == "coded" and fmt != "msgpack":
-            raise InvalidRequest("target_encoding 'coded' replies are binary: accept application/msgpack")
+        if req.target_encoding != "fp16" and fmt != "msgpack":
+            raise InvalidRequest(f"target_encoding {req.target_encoding!r} replies are binary: accept application/msgpack")
         check_reply_size(req.num_tokens, k, engine.vocab_size, fmt, req.num_score_ids, req.return_logsumexp)
-        work = EngineRequest(req.sequences, k, req.temperature, req.score_ids, req.return_logsumexp)
+        sampled = req.target_encoding == "sampled"
+        if sampled and not getattr(engine, "supports_sampling", True):
+            raise InvalidRequest(f"this teacher's {settings.engine} engine cannot draw sampled targets (wire v1.2 "
+                                 "'sampled'); ask for 'fp16' or 'coded', or use a teacher with TEACHER_ENGINE=hf")
+        work = EngineRequest(req.sequences, k, req.temperature, req.score_ids, req.return_logsumexp,
+                             sample_n=k if sampled else None, sample_seed=req.sample_seed)
         if hasattr(engine, "check_request"):  # an engine's own limits (vLLM: temperature 1 only) give 422, not 500
             engine.check_request(k, req.temperature, scores=work.wants_scores)
         if work.wants_scores and not getattr(engine, "supports_scoring", False):
@@ -312,7 +320,7 @@ def create_app(
             target_encoding=req.target_encoding,
             mass_cutoff=req.mass_cutoff,
         )
-        if fmt == "json" or req.target_encoding == "coded":  # JSON or coding a big reply takes a while: keep the loop free
+        if fmt == "json" or req.target_encoding != "fp16":  # JSON or coding a big reply takes a while: keep the loop free
             payload = await asyncio.to_thread(encode_topk_response, response, fmt)
         else:
             payload = encode_topk_response(response, fmt)

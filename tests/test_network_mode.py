@@ -281,3 +281,39 @@ def test_a_mass_cutoff_without_the_coded_encoding_is_refused(tmp_path, roots) ->
 
     with pytest.raises(ConfigError, match="teacher_mass_cutoff .* needs teacher_encoding=coded"):
         tiny_config(tmp_path, roots[0] / "docs", teacher_mass_cutoff=0.05)
+
+
+def test_sampled_network_targets_are_counts_of_reproducible_draws(server, roots) -> None:
+    manifest = read_manifest(roots[0] / "docs")
+    dataset = PretokenizedShardDataset(roots[0] / "docs", "train")
+    batch = Batch.from_rows([dataset[i] for i in (1, 40, 7, 12)])
+    other = Batch.from_rows([dataset[i] for i in (2, 3, 4, 5)])
+
+    def fetch(encoding: str, k: int):
+        teacher = NetworkTeacher([server.url], k, 1.0, manifest["tokenizer_sha256"], manifest["vocab_size"], api_key="key",
+                                 teacher_model=server.model, target_encoding=encoding)
+        try:
+            got = [teacher.targets_for(b.input_ids, b.lengths, b.indices) for b in (batch, batch, other)]
+            return got, teacher.stats["bytes_received"]
+        finally:
+            teacher.close()
+
+    (first, again, _), sampled_bytes = fetch("sampled", 12)
+    _, fp16_bytes = fetch("fp16", 16)
+    real = batch.lengths[:, None] > torch.arange(batch.input_ids.size(1))[None]  # [B, L] real positions
+    counts = torch.where(torch.isfinite(first.logprobs), (first.logprobs.exp() * 12).round(), torch.zeros(()))
+    assert (counts.sum(-1)[real] == 12).all() and (counts.sum(-1)[~real] == 0).all()
+    assert torch.isneginf(first.tail_logprob).all()  # sampled targets carry no tail
+    torch.testing.assert_close(first.indices, again.indices)  # a batch's draws are seeded by its ids
+    torch.testing.assert_close(first.logprobs, again.logprobs)
+    assert sampled_bytes < fp16_bytes / 2
+
+
+def test_sampled_encoding_refuses_a_fallback_and_too_many_draws(tmp_path, roots) -> None:
+    from student_trainer.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot fall back"):
+        tiny_config(tmp_path, roots[0] / "docs", teacher_mode="network", teacher_url="http://127.0.0.1:1",
+                    teacher_encoding="sampled", teacher_fallback=["direct"])
+    with pytest.raises(ConfigError, match="at most 255"):
+        tiny_config(tmp_path, roots[0] / "docs", teacher_encoding="sampled", teacher_topk=300)

@@ -494,7 +494,8 @@ def test_idle_prefill_forwards_hold_at_most_prefill_batch_tokens(loaded):
 GLIBC_RETENTION_PROBE = """
 import sys
 import numpy as np
-from student_trainer.serving.engine import release_freed_memory
+from student_trainer.serving.engine import release_freed_memory, set_malloc_mmap_threshold
+print(set_malloc_mmap_threshold(1 << 20) if sys.argv[1] == "mmap" else False)
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 big = np.ones(16 << 20, np.uint8); del big  # freeing a 16 MB mmapped block raises glibc's adaptive threshold
@@ -512,15 +513,18 @@ print((rss() - base) >> 20)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
 def test_released_prefill_memory_goes_back_to_the_os() -> None:
     """Why the engine trims the heap after prefill forwards: glibc keeps freed activations that sit below
-    live objects in the heap (the RSS keeps them); malloc_trim hands their pages back."""
+    live objects in the heap (the RSS keeps them); malloc_trim hands their pages back, and a fixed mmap
+    threshold (STUDENT_SERVE_MALLOC_MMAP_THRESHOLD) never puts them in the heap."""
     def retained(mode: str) -> list[str]:
         return subprocess.run([sys.executable, "-c", GLIBC_RETENTION_PROBE, mode], capture_output=True, text=True,
                               check=True).stdout.split()
 
-    kept, ran, after = retained("keep")
-    assert int(kept) == pytest.approx(128, abs=8) and ran == "False" and int(after) == int(kept)
-    kept, ran, after = retained("release")
+    fixed, kept, ran, after = retained("keep")
+    assert fixed == "False" and int(kept) == pytest.approx(128, abs=8) and ran == "False" and int(after) == int(kept)
+    fixed, kept, ran, after = retained("release")
     assert int(kept) == pytest.approx(128, abs=8) and ran == "True" and int(after) <= 4
+    fixed, kept, ran, after = retained("mmap")  # a fixed 1 MiB threshold: freed blocks go back at once
+    assert fixed == "True" and int(kept) <= 4
 
 
 def test_the_engine_releases_memory_after_prefill_turns_only(loaded) -> None:

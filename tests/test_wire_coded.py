@@ -43,6 +43,13 @@ def test_request_field_round_trip_and_v1_default():
     ({"target_encoding": "coded"}, "json", "send the request as application/msgpack"),
     ({"mass_cutoff": 0.1}, "msgpack", "mass_cutoff goes with target_encoding 'coded'"),
     ({"target_encoding": "coded", "mass_cutoff": 1.5}, "msgpack", r"mass_cutoff must be a number in \[0, 1\)"),
+    ({"target_encoding": "sampled"}, "msgpack", r"'sampled' needs k \(the draws per position\) in \[1, 255\]"),
+    ({"target_encoding": "sampled", "k": 256}, "msgpack", r"in \[1, 255\], found 256"),
+    ({"target_encoding": "sampled", "k": 12}, "json", "send the request as application/msgpack"),
+    ({"target_encoding": "sampled", "k": 12, "mass_cutoff": 0.1}, "msgpack", "mass_cutoff goes with target_encoding 'coded'"),
+    ({"target_encoding": "coded", "sample_seed": 3}, "msgpack", "sample_seed goes with target_encoding 'sampled'"),
+    ({"target_encoding": "sampled", "k": 12, "sample_seed": -1}, "msgpack", r"sample_seed must be an integer in \[0, 2\*\*63\)"),
+    ({"target_encoding": "sampled", "k": 12, "return_logsumexp": True}, "msgpack", "does not combine with score_ids"),
 ])
 def test_bad_encoding_fields_are_refused(fields, fmt, message):
     body = {"input_ids": [[1, 2]], **fields}
@@ -72,6 +79,39 @@ def test_coded_reply_round_trip_is_smaller_and_within_the_bound(cutoff):
             assert abs(v - want[i]) <= tc.error_bound(np.array(want[i]), tc.DEFAULT_STEP, tc.DEFAULT_KNEE) + 1e-6
         if cutoff == 0:
             assert keep.all() and got.tail_logprob[r] == original.tail_logprob[r]
+
+
+def test_sampled_request_and_reply_round_trip():
+    req = decode_topk_request(encode_topk_request([[1, 2, 3]], k=12, target_encoding="sampled", sample_seed=7), "msgpack")
+    assert (req.target_encoding, req.k, req.sample_seed) == ("sampled", 12, 7)
+    rng = np.random.default_rng(1)
+    rows, n = 40, 12
+    draws = np.sort(rng.integers(0, 50, (rows, n)), axis=1)  # few distinct ids per row, as a peaked teacher gives
+    ids, counts = np.zeros((rows, n), np.int64), np.zeros((rows, n), np.int64)
+    for r in range(rows):
+        unique, c = np.unique(draws[r], return_counts=True)
+        order = np.argsort(-c, kind="stable")
+        ids[r, :len(unique)], counts[r, :len(unique)] = unique[order], c[order]
+    with np.errstate(divide="ignore"):
+        logprobs = np.where(counts > 0, np.log(counts / n), -np.inf).astype(np.float32)
+    sent = TopKResponse(model="m", tokenizer_sha256="ab" * 32, vocab_size=VOCAB, k=n, temperature=1.0, lengths=[30, 10],
+                        indices=ids.astype(np.uint16), logprobs=logprobs, tail_logprob=np.full(rows, -np.inf, np.float32),
+                        target_encoding="sampled")
+    body = encode_topk_response(sent, "msgpack")
+    got = decode_topk_response(body, "msgpack")
+    assert got.target_encoding == "sampled" and got.indices.shape == (rows, n)
+    assert np.isneginf(got.tail_logprob).all()
+    for r in range(rows):  # the same ids with the same counts
+        want = {i: c for i, c in zip(ids[r].tolist(), counts[r].tolist()) if c}
+        have = {i: round(float(np.exp(v)) * n) for i, v in zip(got.indices[r].tolist(), got.logprobs[r].tolist())
+                if np.isfinite(v)}
+        assert have == want
+    assert len(body) < len(encode_topk_response(TopKResponse(**{**sent.__dict__, "target_encoding": "fp16",
+                                                                  "logprobs": logprobs.astype(np.float16)}), "msgpack"))
+    obj = msgpack.unpackb(body)
+    obj["target_encoding"] = "coded"  # a sampled block where a top-k block is announced
+    with pytest.raises(MalformedBody, match="expected"):
+        decode_topk_response(msgpack.packb(obj), "msgpack")
 
 
 def test_corrupt_coded_reply_is_refused():
@@ -115,5 +155,36 @@ def test_server_answers_coded_requests_and_v1_requests_alike(tiny_model_dir, tin
         refused = httpx.post(server.url + "/v1/topk", headers={**headers, "Accept": "application/json"},
                              content=encode_topk_request(sequences, k=16, target_encoding="coded"))
         assert refused.status_code == 422 and "accept application/msgpack" in refused.text
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+@pytest.mark.slow
+def test_server_draws_sampled_targets_reproducibly(tiny_model_dir, tiny_engine, tmp_path_factory):
+    env = {"TEACHER_MODEL_CACHE_DIR": str(tmp_path_factory.mktemp("model-cache")), "TEACHER_MAX_K": "32", "TEACHER_DEFAULT_K": "8"}
+    server = start_server(str(tiny_model_dir), tmp_path_factory.mktemp("server"), env=env)
+    try:
+        sequences = [list(range(10, 60)), [7, 8, 9]]
+        headers = {"Content-Type": "application/msgpack"}
+
+        def ask(seed: int) -> httpx.Response:
+            return httpx.post(server.url + "/v1/topk", headers=headers,
+                              content=encode_topk_request(sequences, k=12, target_encoding="sampled", sample_seed=seed))
+
+        first, again, other = ask(5), ask(5), ask(6)
+        assert first.status_code == again.status_code == other.status_code == 200, first.text
+        a, b, c = (decode_topk_response(r.content, "msgpack") for r in (first, again, other))
+        assert a.target_encoding == "sampled" and np.isneginf(a.tail_logprob).all()
+        np.testing.assert_array_equal(a.indices, b.indices)  # the same body draws the same ids
+        np.testing.assert_array_equal(a.logprobs, b.logprobs)
+        assert not np.array_equal(a.indices, c.indices)
+        counts = np.where(np.isfinite(a.logprobs), np.rint(np.exp(a.logprobs) * 12), 0)
+        assert (counts.sum(axis=1) == 12).all()
+        # the server's draws are the engine's own for the same seed
+        expected = tiny_engine.topk([EngineRequest([np.asarray(s) for s in sequences], 12, 1.0, sample_n=12, sample_seed=5)])[0]
+        np.testing.assert_array_equal(a.indices, expected.indices)
+        refused = httpx.post(server.url + "/v1/topk", headers=headers,
+                             content=encode_topk_request(sequences, k=64, target_encoding="sampled"))
+        assert refused.status_code == 422, refused.text  # k above the server's TEACHER_MAX_K
     finally:
         assert server.stop() == 0, server.log()

@@ -21,7 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from student_trainer.serving.engine import Engine, EngineFull, Event, Generation, SamplingParams
+from student_trainer.serving.engine import (Engine, EngineFull, Event, Generation, SamplingParams,
+                                            set_malloc_mmap_threshold)
 from student_trainer.serving.loading import LoadedModel, load_model
 from student_trainer.serving.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, chunk_body,
                                               completion_body, error_body, new_id, parse, usage)
@@ -324,4 +325,6 @@ def run(settings: ServeSettings) -> None:
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if set_malloc_mmap_threshold(settings.malloc_mmap_threshold):
+        log.info("glibc mmap threshold fixed at %d bytes", settings.malloc_mmap_threshold)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)

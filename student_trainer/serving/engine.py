@@ -215,6 +215,22 @@ def _libc_malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
+def set_malloc_mmap_threshold(threshold: int) -> bool:
+    """Fix glibc's mmap threshold at ``threshold`` bytes (0: leave glibc's adaptive one); True when set.
+
+    glibc raises its threshold to the size of every mmapped block it frees (up to 32 MiB), so activations
+    of a forward come from the heap, which keeps their pages; with a fixed threshold bigger blocks stay
+    mmapped and go back to the OS the moment they are freed (flat RSS, slower allocation)."""
+    if threshold <= 0:
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+    m_mmap_threshold = -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, int(threshold)))
+
+
 def release_freed_memory() -> bool:
     """Give the heap's free pages back to the OS (``malloc_trim(0)``); True when it ran.
 

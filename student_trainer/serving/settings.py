@@ -27,6 +27,10 @@ class ServeSettings(BaseSettings):
     port: int = Field(8001, ge=0, le=65535, description="bind port")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
     torch_threads: int = Field(0, ge=0, description="CPU threads of the decode loop (0: torch's default)")
+    malloc_mmap_threshold: int = Field(
+        0, ge=0, le=32 << 20, description="glibc only: fix the mmap threshold at this many bytes (e.g. 1048576), so "
+        "every larger activation is mmapped and unmapped when freed: the RSS stays flat over prompt lengths, at the cost "
+        "of slower prefill (1.3-1.4x here); 0: glibc's adaptive threshold (at most 32 MiB, glibc's limit)")
     release_prefill_memory: bool = Field(
         True, description="glibc only: malloc_trim after every prefill forward, so the heap gives the freed prefill "
         "activations back to the OS and the RSS does not keep the longest prompt's working memory")

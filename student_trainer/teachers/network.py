@@ -19,6 +19,7 @@ import logging
 import random
 import threading
 import time
+import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,8 +127,10 @@ class NetworkTeacher:
         allow_mismatch: log a warning instead of refusing another model or other weights.
         max_sequence_length, max_request_tokens: the longest row and the most tokens one request of
             this run sends; a service whose limits are smaller is refused at start.
-        target_encoding: ``"fp16"`` (wire v1 tensors) or ``"coded"`` (wire v1.2: one CRC-checked codec block
-            per reply, decoded into the same targets; a corrupt block is a failed reply, retried).
+        target_encoding: ``"fp16"`` (wire v1 tensors), ``"coded"`` (wire v1.2: one CRC-checked codec block
+            per reply, decoded into the same targets; a corrupt block is a failed reply, retried) or
+            ``"sampled"`` (``k`` ids drawn per position from the teacher's distribution, seeded by the batch's
+            ids, so a retry or a resumed run draws the same).
         mass_cutoff: with ``"coded"``, the server drops each row's least likely ids up to this mass (into the tail).
     """
 
@@ -144,11 +147,12 @@ class NetworkTeacher:
             if httpx.URL(url).scheme not in ("http", "https") or not httpx.URL(url).host:
                 raise ValueError(f"teacher_url must be http(s)://HOST:PORT, found {url!r}")
         self.k, self.temperature, self.retries, self.backoff = k, temperature, retries, backoff
-        if target_encoding not in ("fp16", "coded"):
-            raise ValueError(f"target_encoding must be 'fp16' or 'coded', found {target_encoding!r}")
+        if target_encoding not in ("fp16", "coded", "sampled"):
+            raise ValueError(f"target_encoding must be 'fp16', 'coded' or 'sampled', found {target_encoding!r}")
         # v1 requests stay byte for byte v1: the v1.2 fields are sent only when asked for
+        self.target_encoding = target_encoding
         self._encoding = {} if target_encoding == "fp16" else {
-            "target_encoding": "coded", **({"mass_cutoff": float(mass_cutoff)} if mass_cutoff else {})}
+            "target_encoding": target_encoding, **({"mass_cutoff": float(mass_cutoff)} if mass_cutoff else {})}
         self.deadline_s, self.allow_mismatch = deadline_s, allow_mismatch
         self.headers = {"Content-Type": MSGPACK, "Accept": MSGPACK}
         if api_key:
@@ -341,8 +345,9 @@ class NetworkTeacher:
     # ----------------------------------------------------------------------------- interface
 
     def _submit(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> Future:
-        body = encode_topk_request(unpadded_rows(input_ids, lengths, np.int32), k=self.k, temperature=self.temperature,
-                                   fmt="msgpack", **self._encoding)
+        rows = unpadded_rows(input_ids, lengths, np.int32)
+        seed = {"sample_seed": zlib.crc32(b"".join(row.tobytes() for row in rows))} if self.target_encoding == "sampled" else {}
+        body = encode_topk_request(rows, k=self.k, temperature=self.temperature, fmt="msgpack", **self._encoding, **seed)
         return asyncio.run_coroutine_threadsafe(self._request(body, lengths.tolist()), self._loop)
 
     def prefetch(self, input_ids: torch.Tensor, lengths: torch.Tensor, indices: torch.Tensor, split: str = "train") -> None:

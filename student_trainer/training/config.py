@@ -83,8 +83,9 @@ class TrainConfig:
     teacher_probe_s: float = 10.0  # network mode on a fallback: how often to check whether the service is back
     # network mode: how targets travel. fp16: wire v1 tensors (260 B/token at k=64); coded: wire v1.2, one
     # checksummed codec block per reply (ids as delta-coded sets, log-probs on a grid, exact tail: README "Compact
-    # teacher targets"), with teacher_mass_cutoff > 0 dropping each row's least likely ids up to that mass.
-    teacher_encoding: Literal["fp16", "coded"] = "fp16"
+    # teacher targets"), with teacher_mass_cutoff > 0 dropping each row's least likely ids up to that mass;
+    # sampled: teacher_topk ids drawn per position (unbiased KD gradients, ids + counts).
+    teacher_encoding: Literal["fp16", "coded", "sampled"] = "fp16"  # sampled: teacher_topk draws per position
     teacher_mass_cutoff: float = 0.0
     teacher_cache: str | None = None  # cached mode: a folder written by `retnet-distill cache`
     teacher_cache_verify: bool = True  # cached mode: check each shard's sha256 at its first read (once per file)
@@ -173,6 +174,13 @@ class TrainConfig:
                               "distributed=ddp to keep Muon")
         if not 0 <= self.teacher_mass_cutoff < 1:
             raise ConfigError(f"teacher_mass_cutoff must be in [0, 1) (0: keep every id), found {self.teacher_mass_cutoff}")
+        if self.teacher_encoding == "sampled" and not 1 <= self.teacher_topk <= 255:
+            raise ConfigError(f"teacher_encoding=sampled draws teacher_topk ids per position: at most 255, found "
+                              f"{self.teacher_topk}")
+        if self.teacher_encoding == "sampled" and self.teacher_fallback:
+            raise ConfigError(f"teacher_encoding=sampled cannot fall back to {self.teacher_fallback}: those teachers give "
+                              "top-k targets, so the run's targets would change kind mid-run; drop teacher_fallback or "
+                              "use teacher_encoding=coded")
         if self.teacher_mass_cutoff and self.teacher_encoding != "coded":
             raise ConfigError(f"teacher_mass_cutoff ({self.teacher_mass_cutoff}) needs teacher_encoding=coded (the fp16 "
                               "encoding sends every id); set teacher_encoding=coded or teacher_mass_cutoff=0")

@@ -170,6 +170,8 @@ class VLLMEngine:
         trust_remote_code: let transformers and vLLM run a model repo's own code.
     """
 
+    supports_sampling = False  # prompt log-probs hold only vLLM's top n, not the full distribution
+
     def __init__(
         self,
         model: str,
