@@ -30,9 +30,14 @@ agreement (``heldout_metrics``, the first ``--eval-batches`` x 4 rows of the hel
 generation metrics (``generation_quality``: teacher NLL per generated token, distinct-2/3,
 repetition-4) of the student's own answers to the held-out rows' prompts (the turns before the first
 answer), ``--gen-seeds`` samples each at temperature 1, at most ``--new-tokens`` tokens, decoded in
-one batch through the recurrent state; training tokens/s; seconds per off-policy and per on-policy
+one batch through the recurrent state, with the teacher NLL taken apart at the generated positions
+(full vocabulary: reverse KL(student || teacher), the student's and the teacher's entropy; at
+temperature 1 the NLL is their sum in expectation) and the share of answers that ended their turn; training tokens/s; seconds per off-policy and per on-policy
 step (first step of each kind left out) and their ratio; the teacher's share of step time and the
 sampling's share of on-policy step time.
+
+The start is judged the same way (``start`` in the JSON). ``--judge-only`` judges a ``--workdir`` that
+already holds the start and the arms again, without training (e.g. after the metrics changed).
 
 Part ``rows``: the same two step times at ``--rows`` rows per step (4, 8, 16), from a fresh retrofit
 (timing only, no quality figures): decoding one token costs about the same for 4 rows as for 16 (it
@@ -213,24 +218,45 @@ def run_training(args: argparse.Namespace, report: dict[str, Any]) -> None:
     stop_ids = [int(manifest["eos_id"])]
     start_step = args.stage1_steps + args.warm_steps
     base_dir = workdir / "start"
-    shutil.rmtree(base_dir, ignore_errors=True)
-    started = time.perf_counter()
-    base = train(arm_config(args, data, base_dir, stop_at_step=start_step, resume="never"), teacher=teacher)
-    report["start"] = {"checkpoint": base["checkpoint"], "seconds": round(time.perf_counter() - started, 1),
-                       "stage1_steps": args.stage1_steps, "warm_steps": args.warm_steps}
+    start_checkpoint = base_dir / "checkpoints" / f"step-{start_step:08d}"
+    if args.judge_only:  # the start and the arms are already in --workdir: judge them again
+        if not start_checkpoint.is_dir():
+            raise SystemExit(f"--judge-only: {start_checkpoint} is missing; run without --judge-only first "
+                             "(the same --stage1-steps, --warm-steps, --steps)")
+        report["start"] = {"checkpoint": str(start_checkpoint), "stage1_steps": args.stage1_steps,
+                           "warm_steps": args.warm_steps, "judged_only": True}
+    else:
+        shutil.rmtree(base_dir, ignore_errors=True)
+        started = time.perf_counter()
+        base = train(arm_config(args, data, base_dir, stop_at_step=start_step, resume="never"), teacher=teacher)
+        report["start"] = {"checkpoint": base["checkpoint"], "seconds": round(time.perf_counter() - started, 1),
+                           "stage1_steps": args.stage1_steps, "warm_steps": args.warm_steps}
     emit(bench="onpolicy_start", **report["start"])
     arms = report["arms"] = []
     reference = None
-    for fraction in args.fractions:
-        output_dir = workdir / f"fraction-{fraction:g}"
-        shutil.rmtree(output_dir, ignore_errors=True)
-        train(arm_config(args, data, output_dir, resume=base["checkpoint"], onpolicy_fraction=fraction), teacher=teacher)
-        timing = timing_of(metrics_lines(output_dir), start_step)
-        student = RetNetStudent.load(output_dir / "checkpoints" / f"step-{start_step + args.steps:08d}" / "model").eval()
+    for fraction in [None, *args.fractions]:  # None: the start itself, judged the same way
+        if fraction is None:
+            output_dir, model_dir = base_dir, start_checkpoint / "model"
+        else:
+            output_dir = workdir / f"fraction-{fraction:g}"
+            model_dir = output_dir / "checkpoints" / f"step-{start_step + args.steps:08d}" / "model"
+            if not args.judge_only:
+                shutil.rmtree(output_dir, ignore_errors=True)
+                train(arm_config(args, data, output_dir, resume=report["start"]["checkpoint"],
+                                 onpolicy_fraction=fraction), teacher=teacher)
+        timing = timing_of(metrics_lines(output_dir), start_step) if fraction is not None else {}
+        student = RetNetStudent.load(model_dir).eval()
         heldout = heldout_metrics(student, teacher_lm, held_out, teacher.vocab_size, args.eval_batches, BATCH,
                                   torch.device("cpu"))
         prompts, answers = generations(student, held_out, args, stop_ids, teacher.vocab_size)
-        generated = generation_metrics(teacher_lm, teacher.vocab_size, prompts, answers)
+        generated = generation_metrics(teacher_lm, teacher.vocab_size, prompts, answers, writer=student)
+        generated["stopped_share"] = sum(len(a) < args.new_tokens for a in answers) / max(len(answers), 1)
+        if fraction is None:
+            report["start"].update(heldout={key: round(value, 4) for key, value in heldout.items()},
+                                   generation={key: (round(value, 4) if value is not None else None)
+                                               for key, value in generated.items()})
+            emit(bench="onpolicy_start_judged", **report["start"])
+            continue
         arm = {"onpolicy_fraction": fraction, **timing,
                "heldout": {key: round(value, 4) for key, value in heldout.items()},
                "generation": {key: (round(value, 4) if value is not None else None) for key, value in generated.items()}}
@@ -240,6 +266,7 @@ def run_training(args: argparse.Namespace, report: dict[str, Any]) -> None:
             arm["vs_offpolicy"] = {
                 "teacher_nll_change": round(arm["generation"]["teacher_nll"] / reference["generation"]["teacher_nll"] - 1, 4),
                 "kl_change": round(arm["heldout"]["kl_teacher_student"] / reference["heldout"]["kl_teacher_student"] - 1, 4),
+                "gen_reverse_kl_change": round(arm["generation"]["reverse_kl"] / reference["generation"]["reverse_kl"] - 1, 4),
                 "teacher_tokens_ratio": round(arm["teacher_tokens"] / max(reference["teacher_tokens"], 1), 3),
             }
         arms.append(arm)
@@ -269,14 +296,17 @@ def rows_timing(args: argparse.Namespace, report: dict[str, Any]) -> None:
 
 
 def table(arms: list[dict[str, Any]]) -> str:
-    head = (f"{'fraction':>8} {'ppl':>8} {'KL':>7} {'agree':>6} {'gen NLL':>8} {'dist-2':>7} {'rep-4':>6} "
+    head = (f"{'fraction':>8} {'ppl':>8} {'KL':>7} {'agree':>6} {'gen NLL':>8} {'gen RKL':>7} {'H_s':>5} {'H_t':>5} "
+            f"{'stop%':>5} {'dist-2':>7} {'rep-4':>6} "
             f"{'teacher tok':>11} {'tok/s':>6} {'s/off':>6} {'s/on':>6} {'teacher%':>8}")
     lines = [head]
     fmt = lambda value, spec: format(value, spec) if value is not None else "-"  # noqa: E731
     for arm in arms:
         h, g = arm["heldout"], arm["generation"]
         lines.append(f"{arm['onpolicy_fraction']:>8g} {h['student_perplexity']:>8.2f} {h['kl_teacher_student']:>7.3f} "
-                     f"{h['top1_agreement']:>6.3f} {fmt(g['teacher_nll'], '>8.3f')} {fmt(g['distinct_2'], '>7.3f')} "
+                     f"{h['top1_agreement']:>6.3f} {fmt(g['teacher_nll'], '>8.3f')} {fmt(g.get('reverse_kl'), '>7.3f')} "
+                     f"{fmt(g.get('writer_entropy'), '>5.2f')} {fmt(g.get('teacher_entropy'), '>5.2f')} "
+                     f"{100 * g.get('stopped_share', 0):>4.0f}% {fmt(g['distinct_2'], '>7.3f')} "
                      f"{fmt(g['repetition_4'], '>6.3f')} {arm['teacher_tokens']:>11d} {arm['train_tokens_per_s']:>6.0f} "
                      f"{fmt(arm['s_per_offpolicy_step'], '>6.2f')} {fmt(arm['s_per_onpolicy_step'], '>6.2f')} "
                      f"{100 * arm['teacher_share']:>7.0f}%")
@@ -297,6 +327,8 @@ def main() -> None:
     parser.add_argument("--stage1-steps", type=int, default=60)
     parser.add_argument("--warm-steps", type=int, default=6)
     parser.add_argument("--steps", type=int, default=24, help="KD steps per arm after the shared start")
+    parser.add_argument("--judge-only", action="store_true",
+                        help="train part: judge the start and arms already in --workdir again (no training)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--student-topk", type=int, default=64)

@@ -262,7 +262,9 @@ def evaluate(settings: EvalSettings, progress: Any = None) -> dict[str, Any]:
     say("scoring the generations with the teacher")
     from student_trainer.evaluation.generation_quality import generation_metrics
 
-    generation = {who: generation_metrics(teacher_lm, engine.vocab_size, generated["prompts"], generated[who])
+    writers = {"student": student, "teacher": None}  # the teacher's own text: its reverse KL is 0 by definition
+    generation = {who: generation_metrics(teacher_lm, engine.vocab_size, generated["prompts"], generated[who],
+                                          writer=writers[who])
                   for who in ("student", "teacher")}
     report = {
         "checkpoint": str(checkpoint.model_dir), "step": checkpoint.step, "teacher": teacher_name,

@@ -11,6 +11,17 @@ sees is the student's *own* text, where exposure bias shows: these metrics score
   generation, over all generations: high = loops.
 
 The same metrics of the teacher's own answers to the same prompts are the reference.
+
+Where the model that wrote the text is given (the student's answers), the teacher NLL is taken apart,
+full vocabulary, at every generated position (``[V]`` distributions at temperature 1):
+
+- ``reverse_kl``: KL(p_writer || p_teacher), the quantity on-policy distillation lowers;
+- ``writer_entropy`` and ``teacher_entropy``: H(p_writer) and H(p_teacher) there.
+
+For text sampled at temperature 1 the expected teacher NLL is ``reverse_kl + writer_entropy``: a student
+that matches a teacher which is unsure in the places the student's text leads to (high
+``teacher_entropy``) writes text of *higher* teacher NLL than a sharper, worse-matched one. So read the
+three together: the NLL alone rewards a low-entropy writer (RESULTS.md, on-policy).
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from typing import Any
 import torch
 
 GENERATION_METRICS = ("teacher_nll", "distinct_2", "distinct_3", "repetition_4")
+DECOMPOSITION_METRICS = ("reverse_kl", "writer_entropy", "teacher_entropy")
 
 
 def distinct_n(generations: Sequence[Sequence[int]], n: int) -> float | None:
@@ -63,13 +75,46 @@ def teacher_nll(teacher_lm: Any, prompts: Sequence[Sequence[int]], generations: 
     return total / count if count else None
 
 
+@torch.no_grad()
+def teacher_nll_parts(teacher_lm: Any, writer: Any, prompts: Sequence[Sequence[int]],
+                      generations: Sequence[Sequence[int]], vocab: int) -> dict[str, float | None]:
+    """Means per generated token of KL(p_writer || p_teacher), H(p_writer) and H(p_teacher), full vocabulary.
+
+    ``writer``: the model that wrote ``generations``, called as ``writer(ids [1, L]) -> logits [1, L, V']``
+    (a student); the teacher is a Hugging Face causal LM. Both are restricted to the same ids as
+    :func:`teacher_nll` (the tokenizer's ``vocab``, or up to the largest generated id). All None if
+    nothing was generated.
+    """
+    sums = dict.fromkeys(DECOMPOSITION_METRICS, 0.0)
+    count = 0
+    device = next(teacher_lm.parameters()).device
+    for prompt, generated in zip(prompts, generations):
+        if not generated:
+            continue
+        ids = torch.tensor([list(prompt) + list(generated)], device=device)
+        rows = max(vocab, max(generated) + 1)
+        positions = slice(len(prompt) - 1, ids.size(1) - 1)  # the positions that predict a generated token
+        teacher_lp = torch.log_softmax(teacher_lm(input_ids=ids).logits[0, positions, :rows].float(), dim=-1)  # [G, V]
+        writer_lp = torch.log_softmax(writer(ids)[0, positions, :rows].float(), dim=-1)  # [G, V]
+        writer_p, teacher_p = writer_lp.exp(), teacher_lp.exp()
+        sums["reverse_kl"] += float((writer_p * (writer_lp - teacher_lp)).sum())
+        sums["writer_entropy"] -= float((writer_p * writer_lp).sum())
+        sums["teacher_entropy"] -= float((teacher_p * teacher_lp).sum())
+        count += len(generated)
+    return {key: (value / count if count else None) for key, value in sums.items()}
+
+
 def generation_metrics(teacher_lm: Any, vocab: int, prompts: Sequence[Sequence[int]],
-                       generations: Sequence[Sequence[int]]) -> dict[str, float | None]:
-    """All :data:`GENERATION_METRICS` of ``generations`` (one id list per prompt) and their token count."""
-    return {
+                       generations: Sequence[Sequence[int]], writer: Any = None) -> dict[str, float | None]:
+    """All :data:`GENERATION_METRICS` of ``generations`` (one id list per prompt) and their token count;
+    with ``writer`` (the model that wrote them) also :data:`DECOMPOSITION_METRICS`."""
+    metrics = {
         "teacher_nll": teacher_nll(teacher_lm, prompts, generations, vocab),
         "distinct_2": distinct_n(generations, 2),
         "distinct_3": distinct_n(generations, 3),
         "repetition_4": repetition_rate(generations, 4),
         "tokens": float(sum(len(g) for g in generations)),
     }
+    if writer is not None:
+        metrics.update(teacher_nll_parts(teacher_lm, writer, prompts, generations, vocab))
+    return metrics
