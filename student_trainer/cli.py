@@ -57,7 +57,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         if who in generation:
             g = generation[who]
             shown = ", ".join(f"{key} {'-' if g[key] is None else f'{g[key]:.3f}'}"
-                              for key in ("teacher_nll", "distinct_2", "distinct_3", "repetition_4"))
+                              for key in ("teacher_nll", "reverse_kl", "writer_entropy", "teacher_entropy",
+                                          "distinct_2", "distinct_3", "repetition_4") if key in g)
             console.print(f"{who}'s own answers ({int(g['tokens'])} tokens): {shown}")
     for task, metrics in report.get("lm_eval", {}).get("tasks", {}).items():
         for metric, row in metrics.items():

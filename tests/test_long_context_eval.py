@@ -143,6 +143,8 @@ def test_the_cli_flag_end_to_end(student, tiny_model_dir, tiny_shards, tmp_path,
     assert "saturation" in section["note"]
     err = capsys.readouterr().err
     assert "long context: 1 row(s) of 600 tokens" in err and "128-512" in err and "saturation" in err
+    # the student's answers, with their teacher NLL taken apart (the teacher's own: no reverse KL)
+    assert "student's own answers" in err and "reverse_kl" in err and "writer_entropy" in err
 
     assert cli_main(common + ["--output-dir", str(tmp_path / "plain")]) == 0  # no --context: no section
     assert "long_context" not in json.loads((tmp_path / "plain" / "report.json").read_text())
