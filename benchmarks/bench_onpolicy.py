@@ -32,8 +32,9 @@ repetition-4) of the student's own answers to the held-out rows' prompts (the tu
 answer), ``--gen-seeds`` samples each at temperature 1, at most ``--new-tokens`` tokens, decoded in
 one batch through the recurrent state, with the teacher NLL taken apart at the generated positions
 (full vocabulary: reverse KL(student || teacher), the student's and the teacher's entropy; at
-temperature 1 the NLL is their sum in expectation) and the share of answers that ended their turn; training tokens/s; seconds per off-policy and per on-policy
-step (first step of each kind left out) and their ratio; the teacher's share of step time and the
+temperature 1 the NLL is their sum in expectation) and the share of answers that ended their turn;
+training tokens/s; seconds per off-policy and per on-policy step (first step of each kind left out) and
+their ratio; the teacher's share of step time and the
 sampling's share of on-policy step time.
 
 The start is judged the same way (``start`` in the JSON). ``--judge-only`` judges a ``--workdir`` that
