@@ -69,6 +69,7 @@ def test_teacher_nll_parts_are_the_full_vocabulary_kl_and_entropies(tiny_engine)
     assert parts["reverse_kl"] == pytest.approx(kl / 5, rel=1e-5) and parts["reverse_kl"] > 0.01
     assert parts["writer_entropy"] == pytest.approx(h_w / 5, rel=1e-5)
     assert parts["teacher_entropy"] == pytest.approx(h_t / 5, rel=1e-5)
+    assert parts["teacher_nll"] == pytest.approx(teacher_nll(teacher, prompts, generations, TINY_VOCAB), rel=1e-6)
     # the teacher judged as its own writer: no divergence, one entropy
     itself = teacher_nll_parts(teacher, lambda ids: teacher(input_ids=ids).logits, prompts, generations, TINY_VOCAB)
     assert itself["reverse_kl"] == pytest.approx(0.0, abs=1e-5)

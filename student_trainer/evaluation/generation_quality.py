@@ -26,7 +26,7 @@ three together: the NLL alone rewards a low-entropy writer (RESULTS.md, on-polic
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -54,14 +54,12 @@ def repetition_rate(generations: Sequence[Sequence[int]], n: int = 4) -> float |
     return repeats / total if total else None
 
 
-@torch.no_grad()
-def teacher_nll(teacher_lm: Any, prompts: Sequence[Sequence[int]], generations: Sequence[Sequence[int]],
-                vocab: int) -> float | None:
-    """The teacher's mean NLL per generated token: each ``prompt + generation`` in one causal forward
-    (``[1, P + G]``), scored at the G generated positions over the tokenizer's ``vocab`` ids (the
-    padded rows of an LM head excluded, unless a generation holds such an id: then the softmax spans
-    up to it). None if nothing was generated."""
-    total, count = 0.0, 0
+def _teacher_logprobs(teacher_lm: Any, prompts: Sequence[Sequence[int]], generations: Sequence[Sequence[int]],
+                      vocab: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per non-empty generation: ``ids [1, P + G]`` (prompt + generation), the generated ids ``[G]`` and the
+    teacher's log-probs ``[G, V]`` at the G positions that predict them, from one causal forward, over the
+    tokenizer's ``vocab`` ids (the padded rows of an LM head excluded, unless a generation holds such an
+    id: then the softmax spans up to it)."""
     device = next(teacher_lm.parameters()).device
     for prompt, generated in zip(prompts, generations):
         if not generated:
@@ -69,8 +67,17 @@ def teacher_nll(teacher_lm: Any, prompts: Sequence[Sequence[int]], generations: 
         ids = torch.tensor([list(prompt) + list(generated)], device=device)
         rows = max(vocab, max(generated) + 1)
         logits = teacher_lm(input_ids=ids).logits[0, len(prompt) - 1:-1, :rows].float()  # [G, V]
-        targets = torch.tensor(list(generated), device=device)
-        total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        yield ids, torch.tensor(list(generated), device=device), torch.log_softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def teacher_nll(teacher_lm: Any, prompts: Sequence[Sequence[int]], generations: Sequence[Sequence[int]],
+                vocab: int) -> float | None:
+    """The teacher's mean NLL per generated token, given the prompt and the tokens before it (over the
+    ids of :func:`_teacher_logprobs`). None if nothing was generated."""
+    total, count = 0.0, 0
+    for _, generated, teacher_lp in _teacher_logprobs(teacher_lm, prompts, generations, vocab):
+        total -= float(teacher_lp.gather(1, generated[:, None]).sum())
         count += len(generated)
     return total / count if count else None
 
@@ -78,25 +85,20 @@ def teacher_nll(teacher_lm: Any, prompts: Sequence[Sequence[int]], generations: 
 @torch.no_grad()
 def teacher_nll_parts(teacher_lm: Any, writer: Any, prompts: Sequence[Sequence[int]],
                       generations: Sequence[Sequence[int]], vocab: int) -> dict[str, float | None]:
-    """Means per generated token of KL(p_writer || p_teacher), H(p_writer) and H(p_teacher), full vocabulary.
+    """Means per generated token of KL(p_writer || p_teacher), H(p_writer) and H(p_teacher), full vocabulary,
+    and the teacher NLL itself (from the same teacher forward).
 
     ``writer``: the model that wrote ``generations``, called as ``writer(ids [1, L]) -> logits [1, L, V']``
     (a student); the teacher is a Hugging Face causal LM. Both are restricted to the same ids as
-    :func:`teacher_nll` (the tokenizer's ``vocab``, or up to the largest generated id). All None if
-    nothing was generated.
+    :func:`teacher_nll`. All None if nothing was generated.
     """
-    sums = dict.fromkeys(DECOMPOSITION_METRICS, 0.0)
+    sums = dict.fromkeys(("teacher_nll", *DECOMPOSITION_METRICS), 0.0)
     count = 0
-    device = next(teacher_lm.parameters()).device
-    for prompt, generated in zip(prompts, generations):
-        if not generated:
-            continue
-        ids = torch.tensor([list(prompt) + list(generated)], device=device)
-        rows = max(vocab, max(generated) + 1)
-        positions = slice(len(prompt) - 1, ids.size(1) - 1)  # the positions that predict a generated token
-        teacher_lp = torch.log_softmax(teacher_lm(input_ids=ids).logits[0, positions, :rows].float(), dim=-1)  # [G, V]
-        writer_lp = torch.log_softmax(writer(ids)[0, positions, :rows].float(), dim=-1)  # [G, V]
+    for ids, generated, teacher_lp in _teacher_logprobs(teacher_lm, prompts, generations, vocab):
+        positions = slice(ids.size(1) - 1 - len(generated), ids.size(1) - 1)  # those that predict a generated id
+        writer_lp = torch.log_softmax(writer(ids)[0, positions, :teacher_lp.size(1)].float(), dim=-1)  # [G, V]
         writer_p, teacher_p = writer_lp.exp(), teacher_lp.exp()
+        sums["teacher_nll"] -= float(teacher_lp.gather(1, generated[:, None]).sum())
         sums["reverse_kl"] += float((writer_p * (writer_lp - teacher_lp)).sum())
         sums["writer_entropy"] -= float((writer_p * writer_lp).sum())
         sums["teacher_entropy"] -= float((teacher_p * teacher_lp).sum())
@@ -108,13 +110,15 @@ def generation_metrics(teacher_lm: Any, vocab: int, prompts: Sequence[Sequence[i
                        generations: Sequence[Sequence[int]], writer: Any = None) -> dict[str, float | None]:
     """All :data:`GENERATION_METRICS` of ``generations`` (one id list per prompt) and their token count;
     with ``writer`` (the model that wrote them) also :data:`DECOMPOSITION_METRICS`."""
+    # with a writer, one teacher forward per answer gives the NLL and its parts
+    scored = ({"teacher_nll": teacher_nll(teacher_lm, prompts, generations, vocab)} if writer is None
+              else teacher_nll_parts(teacher_lm, writer, prompts, generations, vocab))
     metrics = {
-        "teacher_nll": teacher_nll(teacher_lm, prompts, generations, vocab),
+        "teacher_nll": scored.pop("teacher_nll"),
         "distinct_2": distinct_n(generations, 2),
         "distinct_3": distinct_n(generations, 3),
         "repetition_4": repetition_rate(generations, 4),
         "tokens": float(sum(len(g) for g in generations)),
     }
-    if writer is not None:
-        metrics.update(teacher_nll_parts(teacher_lm, writer, prompts, generations, vocab))
+    metrics.update(scored)  # the parts, when there is a writer
     return metrics
