@@ -60,7 +60,7 @@ def student_decode(student: RetNetStudent, ids: torch.Tensor, tokens: int) -> di
     times = []
     for _ in range(tokens):
         started = time.perf_counter()
-        logits, state = student.step(token, state)
+        logits, state = student.step(token, state, overwrite=True)
         token = logits.argmax(-1)
         times.append(time.perf_counter() - started)
     return {"ms_per_token": 1000 * statistics.median(times), "state_bytes": tensor_bytes(state.layers)}

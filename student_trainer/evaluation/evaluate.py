@@ -201,7 +201,7 @@ def decode_speed(student: RetNetStudent, prompt_ids: torch.Tensor, tokens: int =
     token = logits.argmax(-1)
     started = time.perf_counter()
     for _ in range(tokens):
-        logits, state = student.step(token, state)
+        logits, state = student.step(token, state, overwrite=True)
         token = logits.argmax(-1)
     return tokens / (time.perf_counter() - started)
 

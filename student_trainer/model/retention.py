@@ -134,11 +134,15 @@ class _Retention(MultiScaleRetention):
         # add the new outer product in place) instead of six elementwise ones; decoding is bound by them
         values = v.float().view(bsz * heads, self.head_dim, 1)
         keys = kr.reshape(bsz * heads, 1, dk)
+        overwrite = incremental_state.pop("overwrite", False)  # RetNetStudent.step(overwrite=True)
         if "prev_key_value" in incremental_state:
             prev_kv, prev_scale = incremental_state["prev_key_value"], incremental_state["scale"]
             scale = prev_scale * decay + 1
             keep = (prev_scale.sqrt() * decay / scale.sqrt()).expand(bsz, heads).reshape(-1, 1, 1)
-            kv = (prev_kv.view(bsz * heads, self.head_dim, dk) * keep).baddbmm_(
+            prev_kv = prev_kv.view(bsz * heads, self.head_dim, dk)
+            # in place, the old state is given up: no fresh [B*H, dv, dk] buffer per layer and token (a
+            # fresh one costs its page faults, 3-4x the product itself on the 2-core VM; RESULTS.md)
+            kv = (prev_kv.mul_(keep) if overwrite else prev_kv * keep).baddbmm_(
                 values / scale.sqrt().expand(bsz, heads).reshape(-1, 1, 1), keys)
         else:
             scale = torch.ones_like(decay)

@@ -364,7 +364,7 @@ class Engine:
             state, logits, tokens = select_rows(state, rows), logits[rows], tokens[rows]
         if not self.active:
             return None, None
-        logits, state = self.student.step(tokens, state)
+        logits, state = self.student.step(tokens, state, overwrite=True)  # the batch owns its state
         self.steps += 1
         return logits, state
 

@@ -127,7 +127,7 @@ def sample_rollout(student: RetNetStudent, batch: Batch, settings: OnPolicySetti
                 active &= ~torch.isin(token, stops)
                 if i + 1 == settings.max_new_tokens or not bool(active.any()):
                     break
-                logits, state = student.step(token, state)
+                logits, state = student.step(token, state, overwrite=True)
     finally:
         student.train(was_training)
     return _rollout_batch(batch, prompts, written.cpu(), support.cpu(), counts.cpu())

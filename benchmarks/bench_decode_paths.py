@@ -1,0 +1,104 @@
+"""The decoding fast paths side by side in one process: milliseconds per recurrent step of the student
+at 1-16 rows, before and after each path, and the sampler against ``torch.multinomial``.
+
+Run: OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_decode_paths.py [--checkpoint MODEL_DIR]
+
+Student: ``--checkpoint`` (a model folder, e.g. a run's checkpoints/step-N/model), else the retrofit's
+shape of the embedded SmolLM2-135M teacher (158M parameters) with the teacher's weights copied in
+(timing only: the numbers do not depend on the weights). Three ways to step, alternated ``--reps``
+times per row count (medians; the first step of each timed run is left out):
+
+- ``before``: ``F.linear`` for every projection (``decode_linear.FEW_ROWS = 0``) and a fresh state
+  per step (``step(overwrite=False)``), what the sampler did until this benchmark's change;
+- ``few_rows``: the ``W @ x^T`` orientation for a few fp32 rows (``decode_linear.py``);
+- ``few_rows+overwrite``: and the state updated in place (``step(overwrite=True)``), what the
+  on-policy sampler, ``generate`` and the serving engine use now.
+
+Also: one draw per row from ``[4, V]`` probabilities, ``torch.multinomial`` against the inverse-CDF
+draw of ``sample_next_token``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from student_trainer.model import decode_linear
+from student_trainer.model.retrofit import copy_teacher_weights, load_teacher_lm, student_config_for
+from student_trainer.model.student import RetNetStudent, _inverse_cdf_sample
+from teacher_server.engines.model_source import EMBEDDED_ALIAS
+
+PATHS = {"before": (0, False), "few_rows": (decode_linear.FEW_ROWS, False),
+         "few_rows+overwrite": (decode_linear.FEW_ROWS, True)}
+
+
+@torch.no_grad()
+def ms_per_step(student: RetNetStudent, rows: int, steps: int, few_rows: int, overwrite: bool) -> float:
+    decode_linear.FEW_ROWS = few_rows
+    ids = torch.randint(0, student.config.vocab_size, (rows, 48), generator=torch.Generator().manual_seed(rows))
+    logits, state = student.prefill(ids)
+    token = logits.argmax(-1)
+    times = []
+    for _ in range(steps + 1):
+        started = time.perf_counter()
+        logits, state = student.step(token, state, overwrite=overwrite)
+        times.append(time.perf_counter() - started)
+        token = logits.argmax(-1)
+    return 1000 * statistics.median(times[1:])
+
+
+def sampler_us(vocab: int, reps: int) -> dict[str, float]:
+    probs = torch.softmax(torch.randn(4, vocab, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
+    generator = torch.Generator().manual_seed(1)
+    out = {}
+    for name, draw in (("multinomial", lambda: torch.multinomial(probs, 1, generator=generator)),
+                       ("inverse_cdf", lambda: _inverse_cdf_sample(probs, generator))):
+        draw()
+        started = time.perf_counter()
+        for _ in range(reps):
+            draw()
+        out[f"{name}_us"] = round(1e6 * (time.perf_counter() - started) / reps, 1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="a student model folder (default: the retrofit shape)")
+    parser.add_argument("--model-cache-dir", default="~/.cache/retnet-distill/models")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--steps", type=int, default=12, help="steps timed per run")
+    parser.add_argument("--reps", type=int, default=3, help="runs of each path per row count (alternated)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.checkpoint:
+        student = RetNetStudent.load(args.checkpoint)
+    else:
+        teacher_lm, _, _ = load_teacher_lm(EMBEDDED_ALIAS, args.model_cache_dir)
+        student = RetNetStudent(student_config_for(teacher_lm))
+        copy_teacher_weights(student, teacher_lm)
+        del teacher_lm
+    student.eval()
+    print(json.dumps({"bench": "decode_paths_machine", "cpu": platform.processor() or platform.machine(),
+                      "threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "parameters": student.num_parameters(), "few_rows": decode_linear.FEW_ROWS}), flush=True)
+    for rows in args.rows:
+        runs: dict[str, list[float]] = {name: [] for name in PATHS}
+        for _ in range(args.reps):
+            for name, (few_rows, overwrite) in PATHS.items():
+                runs[name].append(ms_per_step(student, rows, args.steps, few_rows, overwrite))
+        medians = {name: round(statistics.median(values), 1) for name, values in runs.items()}
+        print(json.dumps({"bench": "decode_paths", "rows": rows, "ms_per_step": medians,
+                          "speedup": round(medians["before"] / medians["few_rows+overwrite"], 2)}), flush=True)
+    decode_linear.FEW_ROWS = PATHS["few_rows"][0]
+    print(json.dumps({"bench": "decode_sampler", "rows": 4, "vocab": student.config.vocab_size,
+                      **sampler_us(student.config.vocab_size, 200)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
