@@ -10,9 +10,11 @@ times per row count (medians; the first step of each timed run is left out):
 
 - ``before``: ``F.linear`` for every projection (``decode_linear.FEW_ROWS = 0``) and a fresh state
   per step (``step(overwrite=False)``), what the sampler did until this benchmark's change;
-- ``few_rows``: the ``W @ x^T`` orientation for a few fp32 rows (``decode_linear.py``);
-- ``few_rows+overwrite``: and the state updated in place (``step(overwrite=True)``), what the
-  on-policy sampler, ``generate`` and the serving engine use now.
+- ``few_rows``: the ``W @ x^T`` orientation for at most 4 fp32 rows (``decode_linear.py``, without its
+  split over the threads);
+- ``few_rows+overwrite``: and the state updated in place (``step(overwrite=True)``);
+- ``+split``: and each product split over the threads, for at most ``decode_linear.FEW_ROWS`` (16) rows:
+  what the on-policy sampler, ``generate`` and the serving engine use now.
 
 Also: one draw per row from ``[4, V]`` probabilities, ``torch.multinomial`` against the inverse-CDF
 draw of ``sample_next_token``.
@@ -33,13 +35,14 @@ from student_trainer.model.retrofit import copy_teacher_weights, load_teacher_lm
 from student_trainer.model.student import RetNetStudent, _inverse_cdf_sample
 from teacher_server.engines.model_source import EMBEDDED_ALIAS
 
-PATHS = {"before": (0, False), "few_rows": (decode_linear.FEW_ROWS, False),
-         "few_rows+overwrite": (decode_linear.FEW_ROWS, True)}
+# name: (few_rows, split, overwrite)
+PATHS = {"before": (0, False, False), "few_rows": (4, False, False), "few_rows+overwrite": (4, False, True),
+         "+split": (decode_linear.FEW_ROWS, True, True)}
 
 
 @torch.no_grad()
-def ms_per_step(student: RetNetStudent, rows: int, steps: int, few_rows: int, overwrite: bool) -> float:
-    decode_linear.FEW_ROWS = few_rows
+def ms_per_step(student: RetNetStudent, rows: int, steps: int, few_rows: int, split: bool, overwrite: bool) -> float:
+    decode_linear.FEW_ROWS, decode_linear.SPLIT = few_rows, split
     ids = torch.randint(0, student.config.vocab_size, (rows, 48), generator=torch.Generator().manual_seed(rows))
     logits, state = student.prefill(ids)
     token = logits.argmax(-1)
@@ -86,16 +89,18 @@ def main() -> None:
     student.eval()
     print(json.dumps({"bench": "decode_paths_machine", "cpu": platform.processor() or platform.machine(),
                       "threads": torch.get_num_threads(), "torch": torch.__version__,
-                      "parameters": student.num_parameters(), "few_rows": decode_linear.FEW_ROWS}), flush=True)
+                      "parameters": student.num_parameters(), "few_rows": decode_linear.FEW_ROWS,
+                      "split": decode_linear.SPLIT}), flush=True)
     for rows in args.rows:
         runs: dict[str, list[float]] = {name: [] for name in PATHS}
         for _ in range(args.reps):
-            for name, (few_rows, overwrite) in PATHS.items():
-                runs[name].append(ms_per_step(student, rows, args.steps, few_rows, overwrite))
+            for name, (few_rows, split, overwrite) in PATHS.items():
+                runs[name].append(ms_per_step(student, rows, args.steps, few_rows, split, overwrite))
         medians = {name: round(statistics.median(values), 1) for name, values in runs.items()}
         print(json.dumps({"bench": "decode_paths", "rows": rows, "ms_per_step": medians,
-                          "speedup": round(medians["before"] / medians["few_rows+overwrite"], 2)}), flush=True)
-    decode_linear.FEW_ROWS = PATHS["few_rows"][0]
+                          "speedup": round(medians["before"] / medians["+split"], 2),
+                          "split_speedup": round(medians["few_rows+overwrite"] / medians["+split"], 2)}), flush=True)
+    decode_linear.FEW_ROWS, decode_linear.SPLIT = PATHS["+split"][:2]
     print(json.dumps({"bench": "decode_sampler", "rows": 4, "vocab": student.config.vocab_size,
                       **sampler_us(student.config.vocab_size, 200)}), flush=True)
 

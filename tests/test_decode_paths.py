@@ -34,6 +34,23 @@ def test_few_rows_linear_is_f_linear(shape: tuple[int, ...], bias: bool) -> None
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads, d_out", [(2, 40), (4, 40), (3, 40), (2, 41)])
+def test_few_rows_linear_split_over_threads_is_f_linear(threads: int, d_out: int) -> None:
+    """The product as a batch of one block of W's rows per thread; a W whose rows do not divide into the
+    threads, or a non-contiguous one, takes the single product."""
+    generator = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(4, 24, generator=generator), torch.randn(d_out, 24, generator=generator)
+    bias = torch.randn(d_out, generator=generator)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            for w in (weight, weight.T.contiguous().T):  # the second is a non-contiguous view
+                torch.testing.assert_close(linear(x, w, bias), F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_few_rows_linear_keeps_f_linear_where_it_should() -> None:
     """Autograd, autocast, many rows and non-fp32 all go through F.linear itself (bit for bit)."""
     weight = torch.randn(16, 8)
