@@ -20,7 +20,7 @@ Part ``train``: one shared start, then one run per ``--fractions`` value, all in
 - each arm resumes that checkpoint (the same weights, optimiser state, data order and LR schedule)
   and trains ``--steps`` more KD steps with ``onpolicy_fraction`` = the arm's value
   (``onpolicy_max_new_tokens`` ``--new-tokens``, ``onpolicy_student_topk`` ``--student-topk``,
-  reverse KL, sampling temperature 1). An on-policy step's batch rows give prompts only; the teacher
+  reverse KL, sampling at ``--onpolicy-temperature`` / ``--onpolicy-top-p``, default 1 / 1). An on-policy step's batch rows give prompts only; the teacher
   scores the student's text instead of the rows, so each arm's teacher tokens (``teacher_tokens``,
   summed from ``teacher/tokens``) are reported: arms are compared at equal steps, and an arm that
   used more teacher tokens than off-policy would be flagged.
@@ -29,7 +29,7 @@ Reported per arm: held-out perplexity, KL(teacher || student) over the whole voc
 agreement (``heldout_metrics``, the first ``--eval-batches`` x 4 rows of the held-out split); the
 generation metrics (``generation_quality``: teacher NLL per generated token, distinct-2/3,
 repetition-4) of the student's own answers to the held-out rows' prompts (the turns before the first
-answer), ``--gen-seeds`` samples each at temperature 1, at most ``--new-tokens`` tokens, decoded in
+answer), ``--gen-seeds`` samples each at ``--judge-temperature`` / ``--judge-top-p`` (default 1 / 1), at most ``--new-tokens`` tokens, decoded in
 one batch through the recurrent state, with the teacher NLL taken apart at the generated positions
 (full vocabulary: reverse KL(student || teacher), the student's and the teacher's entropy; at
 temperature 1 the NLL is their sum in expectation) and the share of answers that ended their turn;
@@ -38,7 +38,8 @@ their ratio; the teacher's share of step time and the
 sampling's share of on-policy step time.
 
 The start is judged the same way (``start`` in the JSON). ``--judge-only`` judges a ``--workdir`` that
-already holds the start and the arms again, without training (e.g. after the metrics changed).
+already holds the start and the arms again, without training (e.g. after the metrics changed);
+``--keep-trained`` trains only what is missing (a new arm beside a finished start, an interrupted run).
 
 Part ``rows``: the same two step times at ``--rows`` rows per step (4, 8, 16), from a fresh retrofit
 (timing only, no quality figures): decoding one token costs about the same for 4 rows as for 16 (it
@@ -156,7 +157,8 @@ def arm_config(args: argparse.Namespace, data: Path, output_dir: Path, **overrid
         "attention_transfer_warmup": min(3, args.stage1_steps - 1), "log_every": 1, "eval_every": 10 ** 6,
         "eval_batches": 1, "save_every": 10 ** 6, "keep_last": 2, "wandb_mode": "disabled", "progress": False,
         "saddle_detection": False, "onpolicy_max_new_tokens": args.new_tokens,
-        "onpolicy_student_topk": args.student_topk, **overrides,
+        "onpolicy_student_topk": args.student_topk, "onpolicy_temperature": args.onpolicy_temperature,
+        "onpolicy_top_p": args.onpolicy_top_p, **overrides,
     }
     return load_config(None, [f"{key}={json.dumps(value)}" for key, value in settings.items()])
 
@@ -168,10 +170,12 @@ def metrics_lines(output_dir: Path) -> list[dict]:
 @torch.no_grad()
 def generations(student: RetNetStudent, dataset: PretokenizedShardDataset, args: argparse.Namespace,
                 stop_ids: list[int], vocab: int) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompts, the student's answers): ``--gen-seeds`` samples per held-out prompt, batched."""
+    """(prompts, the student's answers): ``--gen-seeds`` samples per held-out prompt, batched, at
+    ``--judge-temperature`` / ``--judge-top-p``."""
     order = ShardSampler(len(dataset), shuffle=False)
     rows = [dataset[i] for i in order.take(min(args.gen_prompts, len(dataset)))]
-    settings = OnPolicySettings(1.0, args.new_tokens, 1.0, 1, "reverse_kl", 0.5, stop_ids, args.max_seq_length)
+    settings = OnPolicySettings(1.0, args.new_tokens, args.judge_temperature, 1, "reverse_kl", 0.5, stop_ids,
+                                args.max_seq_length, top_p=args.judge_top_p)
     prompts_out, answers = [], []
     cpu, off = torch.device("cpu"), torch.autocast("cpu", enabled=False)
     for seed in range(args.gen_seeds):
@@ -220,7 +224,8 @@ def run_training(args: argparse.Namespace, report: dict[str, Any]) -> None:
     start_step = args.stage1_steps + args.warm_steps
     base_dir = workdir / "start"
     start_checkpoint = base_dir / "checkpoints" / f"step-{start_step:08d}"
-    if args.judge_only:  # the start and the arms are already in --workdir: judge them again
+    kept = lambda folder: args.keep_trained and folder.is_dir()  # noqa: E731
+    if args.judge_only or kept(start_checkpoint):  # the start (and the arms) are in --workdir: judge them again
         if not start_checkpoint.is_dir():
             raise SystemExit(f"--judge-only: {start_checkpoint} is missing; run without --judge-only first "
                              "(the same --stage1-steps, --warm-steps, --steps)")
@@ -241,7 +246,7 @@ def run_training(args: argparse.Namespace, report: dict[str, Any]) -> None:
         else:
             output_dir = workdir / f"fraction-{fraction:g}"
             model_dir = output_dir / "checkpoints" / f"step-{start_step + args.steps:08d}" / "model"
-            if not args.judge_only:
+            if not args.judge_only and not kept(model_dir):
                 shutil.rmtree(output_dir, ignore_errors=True)
                 train(arm_config(args, data, output_dir, resume=report["start"]["checkpoint"],
                                  onpolicy_fraction=fraction), teacher=teacher)
@@ -330,6 +335,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24, help="KD steps per arm after the shared start")
     parser.add_argument("--judge-only", action="store_true",
                         help="train part: judge the start and arms already in --workdir again (no training)")
+    parser.add_argument("--keep-trained", action="store_true",
+                        help="train part: train only the start / arms whose final checkpoint is not in --workdir yet")
+    parser.add_argument("--onpolicy-temperature", type=float, default=1.0, help="the arms' onpolicy_temperature")
+    parser.add_argument("--onpolicy-top-p", type=float, default=1.0, help="the arms' onpolicy_top_p")
+    parser.add_argument("--judge-temperature", type=float, default=1.0, help="sampling of the judged answers")
+    parser.add_argument("--judge-top-p", type=float, default=1.0, help="sampling of the judged answers")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--student-topk", type=int, default=64)

@@ -113,6 +113,25 @@ def test_the_sampler_writes_from_each_prompt_and_marks_only_written_positions() 
     assert set(rollout.score_ids[row, t, :5].tolist()) == set(logits[row, t].topk(5).indices.tolist())
 
 
+def test_onpolicy_top_p_keeps_the_sampling_inside_the_nucleus() -> None:
+    """A nucleus of one id (top_p near 0) writes the student's own argmax at every written position; the
+    whole vocabulary (top_p 1) at a high temperature does not."""
+    student = tiny_student(64).eval()
+    batch = a_batch([list(range(1, 11)), list(range(20, 25))], [6, 2])
+    cpu, off = torch.device("cpu"), torch.autocast("cpu", enabled=False)
+
+    def written_vs_argmax(top_p: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        rollout = sample_rollout(student, batch, settings(max_new_tokens=8, top_p=top_p, temperature=temperature),
+                                 torch.Generator().manual_seed(5), 50, cpu, off)
+        mask = rollout.batch.row_mask.bool()
+        return rollout.score_ids[..., -1][mask], rollout.score_ids[..., 0][mask]  # sampled, the student's top 1
+
+    sampled, top1 = written_vs_argmax(1e-6, 5.0)
+    assert torch.equal(sampled, top1)
+    sampled, top1 = written_vs_argmax(1.0, 5.0)
+    assert not torch.equal(sampled, top1)
+
+
 def test_the_same_generator_state_writes_the_same_text() -> None:
     student = tiny_student(64).eval()
     batch = a_batch([list(range(1, 11)), list(range(20, 25))], [6, 2])
@@ -268,6 +287,8 @@ def test_jsd_and_a_fraction_of_one(tmp_path, chat_shards, tiny_teacher) -> None:
     ({"onpolicy_fraction": 1.5}, r"onpolicy_fraction must be in \[0, 1\]"),
     ({"onpolicy_max_new_tokens": 64}, r"onpolicy_max_new_tokens must be in \[1, max_seq_length=64\)"),
     ({"onpolicy_temperature": 0.0}, "onpolicy_temperature must be > 0"),
+    ({"onpolicy_top_p": 0.0}, r"onpolicy_top_p must be in \(0, 1\]"),
+    ({"onpolicy_top_p": 1.5}, r"onpolicy_top_p must be in \(0, 1\]"),
     ({"onpolicy_jsd_beta": 1.0}, r"onpolicy_jsd_beta must be in \(0, 1\)"),
 ])
 def test_bad_onpolicy_settings_are_refused_before_training(tmp_path, chat_shards, overrides, message) -> None:

@@ -109,6 +109,7 @@ class TrainConfig:
     onpolicy_fraction: float = 0.0  # 0: off; 0.25: every fourth KD step
     onpolicy_max_new_tokens: int = 64  # tokens the student writes per prompt (fewer where it ends its turn)
     onpolicy_temperature: float = 1.0  # the student's sampling temperature
+    onpolicy_top_p: float = 1.0  # nucleus of the student's sampling (1: the whole vocabulary)
     onpolicy_student_topk: int = 64  # the student's top ids the teacher scores at each written token (+ the sampled one)
     onpolicy_divergence: Literal["reverse_kl", "jsd"] = "reverse_kl"
     onpolicy_jsd_beta: float = 0.5
@@ -200,6 +201,8 @@ class TrainConfig:
                               f"prompt needs a token), found {self.onpolicy_max_new_tokens}")
         if not self.onpolicy_temperature > 0:
             raise ConfigError(f"onpolicy_temperature must be > 0, found {self.onpolicy_temperature}")
+        if not 0.0 < self.onpolicy_top_p <= 1.0:
+            raise ConfigError(f"onpolicy_top_p must be in (0, 1] (1: no nucleus filtering), found {self.onpolicy_top_p}")
         if self.onpolicy_student_topk < 1:
             raise ConfigError(f"onpolicy_student_topk must be >= 1, found {self.onpolicy_student_topk}")
         if not 0.0 < self.onpolicy_jsd_beta < 1.0:

@@ -8,7 +8,7 @@ its own tokens and drifts (exposure bias). On an on-policy step (``onpolicy_frac
    assistant answer, header included); a row that is a target from its first token (plain text): its
    first half. At most ``max_seq_length - onpolicy_max_new_tokens`` tokens, the last ones kept.
 2. **Sampling** without gradients through the student's batched recurrent state (``prefill`` with
-   one position per row, then ``step``), at ``onpolicy_temperature``, until a stop id or
+   one position per row, then ``step``), at ``onpolicy_temperature`` and ``onpolicy_top_p``, until a stop id or
    ``onpolicy_max_new_tokens``; the sampler's RNG is saved in every checkpoint.
 3. **Scoring** (wire v1.1): one teacher request per micro-batch gives the teacher's top k (+ tail) at
    every written position and, via ``score_ids``, its exact log-probs of the student's own top
@@ -51,6 +51,7 @@ class OnPolicySettings:
     jsd_beta: float
     stop_ids: list[int]
     max_seq_length: int
+    top_p: float = 1.0  # nucleus filtering of the sampling (1: none)
 
     @property
     def scored_ids(self) -> int:
@@ -119,7 +120,7 @@ def sample_rollout(student: RetNetStudent, batch: Batch, settings: OnPolicySetti
             logits, state = student.prefill(padded.to(device), lengths=prompt_lengths.to(device))
             for i in range(settings.max_new_tokens):
                 logits = logits[:, :vocab_limit].float()
-                token = sample_next_token(logits, settings.temperature, 1.0, generator)
+                token = sample_next_token(logits, settings.temperature, settings.top_p, generator)
                 support[:, i, :k] = logits.topk(k, dim=-1).indices
                 support[:, i, k] = token
                 written[:, i] = token
