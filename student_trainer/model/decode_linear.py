@@ -7,8 +7,9 @@ a slow kernel for ``x @ W^T`` at such shapes; the same product in the other orie
 is up to 3x faster for the 49k-wide LM head and 1.1-1.3x for the layers' projections. And MKL runs such a
 product of a few columns on one thread: as a batch of ``torch.get_num_threads()`` products over equal
 blocks of ``W``'s rows (one ``bmm`` of a view, ``W`` is not copied) every thread streams its own block.
-Together they make one recurrent step of the 158M student 1.35x (1 row) to 1.6x (4 rows) faster than
-``F.linear``, and 1.1-1.15x at 8-16 rows, on the 2-core VM (benchmarks/RESULTS.md, "Decoding faster").
+Together they make one recurrent step of the 158M student 1.2x (1 row) to 1.6x (4 rows) faster than
+``F.linear``, and 1.15x at 8-16 rows, with 2 threads on the 2-core VM (benchmarks/RESULTS.md, "Decoding
+faster"; more threads split into more blocks, not measured here).
 Each output is the same dot product, summed in another order (float32 rounding apart).
 
 Only that case takes the other orientation: CPU, float32 input and weight, no autograd (decoding runs
