@@ -22,8 +22,9 @@ Part ``train``: one shared start, then one run per ``--fractions`` value, all in
   (``onpolicy_max_new_tokens`` ``--new-tokens``, ``onpolicy_student_topk`` ``--student-topk``,
   reverse KL, sampling at ``--onpolicy-temperature`` / ``--onpolicy-top-p``, default 1 / 1). An
   on-policy step's batch rows give prompts only; the teacher scores the student's text instead of the
-  rows, so each arm's teacher tokens (``teacher_tokens``, summed from ``teacher/tokens``) are reported: arms are compared at equal steps, and an arm that
-  used more teacher tokens than off-policy would be flagged.
+  rows, so each arm's teacher tokens (``teacher_tokens``, summed from ``teacher/tokens``) are reported:
+  arms are compared at equal steps, and an arm that used more teacher tokens than off-policy would be
+  flagged.
 
 Reported per arm: held-out perplexity, KL(teacher || student) over the whole vocabulary and top-1
 agreement (``heldout_metrics``, the first ``--eval-batches`` x 4 rows of the held-out split); the
@@ -31,8 +32,8 @@ generation metrics (``generation_quality``: teacher NLL per generated token, dis
 repetition-4) of the student's own answers to the held-out rows' prompts (the turns before the first
 answer), ``--gen-seeds`` samples each at ``--judge-temperature`` / ``--judge-top-p`` (default 1 / 1), at
 most ``--new-tokens`` tokens, decoded in one batch through the recurrent state, with the teacher NLL
-taken apart at the generated positions (full vocabulary: reverse KL(student || teacher), the student's and the teacher's entropy; at
-temperature 1 the NLL is their sum in expectation) and the share of answers that ended their turn;
+taken apart at the generated positions (full vocabulary: reverse KL(student || teacher), the student's
+and the teacher's entropy; at temperature 1 the NLL is their sum in expectation) and the share of answers that ended their turn;
 training tokens/s; seconds per off-policy and per on-policy step (first step of each kind left out) and
 their ratio; the teacher's share of step time and the
 sampling's share of on-policy step time.
