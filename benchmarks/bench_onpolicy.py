@@ -159,7 +159,8 @@ def arm_config(args: argparse.Namespace, data: Path, output_dir: Path, **overrid
         "eval_batches": 1, "save_every": 10 ** 6, "keep_last": 2, "wandb_mode": "disabled", "progress": False,
         "saddle_detection": False, "onpolicy_max_new_tokens": args.new_tokens,
         "onpolicy_student_topk": args.student_topk, "onpolicy_temperature": args.onpolicy_temperature,
-        "onpolicy_top_p": args.onpolicy_top_p, **overrides,
+        "onpolicy_top_p": args.onpolicy_top_p, "onpolicy_divergence": args.onpolicy_divergence,
+        "onpolicy_jsd_beta": args.onpolicy_jsd_beta, **overrides,
     }
     return load_config(None, [f"{key}={json.dumps(value)}" for key, value in settings.items()])
 
@@ -340,6 +341,9 @@ def main() -> None:
                         help="train part: train only the start / arms whose final checkpoint is not in --workdir yet")
     parser.add_argument("--onpolicy-temperature", type=float, default=1.0, help="the arms' onpolicy_temperature")
     parser.add_argument("--onpolicy-top-p", type=float, default=1.0, help="the arms' onpolicy_top_p")
+    parser.add_argument("--onpolicy-divergence", default="reverse_kl", choices=["reverse_kl", "jsd"],
+                        help="the arms' onpolicy_divergence")
+    parser.add_argument("--onpolicy-jsd-beta", type=float, default=0.5, help="the arms' onpolicy_jsd_beta")
     parser.add_argument("--judge-temperature", type=float, default=1.0, help="sampling of the judged answers")
     parser.add_argument("--judge-top-p", type=float, default=1.0, help="sampling of the judged answers")
     parser.add_argument("--lr", type=float, default=1e-4)
