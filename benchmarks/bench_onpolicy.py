@@ -341,8 +341,8 @@ def main() -> None:
                         help="train part: train only the start / arms whose final checkpoint is not in --workdir yet")
     parser.add_argument("--onpolicy-temperature", type=float, default=1.0, help="the arms' onpolicy_temperature")
     parser.add_argument("--onpolicy-top-p", type=float, default=1.0, help="the arms' onpolicy_top_p")
-    parser.add_argument("--onpolicy-divergence", default="reverse_kl", choices=["reverse_kl", "jsd"],
-                        help="the arms' onpolicy_divergence")
+    parser.add_argument("--onpolicy-divergence", default="reverse_kl",
+                        help="the arms' onpolicy_divergence (the trainer's config validates it)")
     parser.add_argument("--onpolicy-jsd-beta", type=float, default=0.5, help="the arms' onpolicy_jsd_beta")
     parser.add_argument("--judge-temperature", type=float, default=1.0, help="sampling of the judged answers")
     parser.add_argument("--judge-top-p", type=float, default=1.0, help="sampling of the judged answers")
