@@ -160,7 +160,8 @@ def arm_config(args: argparse.Namespace, data: Path, output_dir: Path, **overrid
         "saddle_detection": False, "onpolicy_max_new_tokens": args.new_tokens,
         "onpolicy_student_topk": args.student_topk, "onpolicy_temperature": args.onpolicy_temperature,
         "onpolicy_top_p": args.onpolicy_top_p, "onpolicy_divergence": args.onpolicy_divergence,
-        "onpolicy_jsd_beta": args.onpolicy_jsd_beta, **overrides,
+        "onpolicy_jsd_beta": args.onpolicy_jsd_beta, "onpolicy_teacher_temperature": args.onpolicy_teacher_temperature,
+        **overrides,
     }
     return load_config(None, [f"{key}={json.dumps(value)}" for key, value in settings.items()])
 
@@ -344,6 +345,8 @@ def main() -> None:
     parser.add_argument("--onpolicy-divergence", default="reverse_kl",
                         help="the arms' onpolicy_divergence (the trainer's config validates it)")
     parser.add_argument("--onpolicy-jsd-beta", type=float, default=0.5, help="the arms' onpolicy_jsd_beta")
+    parser.add_argument("--onpolicy-teacher-temperature", type=float, default=None,
+                        help="the arms' onpolicy_teacher_temperature (default: the run's temperature, 1)")
     parser.add_argument("--judge-temperature", type=float, default=1.0, help="sampling of the judged answers")
     parser.add_argument("--judge-top-p", type=float, default=1.0, help="sampling of the judged answers")
     parser.add_argument("--lr", type=float, default=1e-4)

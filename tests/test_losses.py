@@ -307,6 +307,24 @@ def test_student_uses_the_teacher_temperature() -> None:
         distillation_loss_from_logits(teacher_logits, targets, labels, mask, LossConfig(temperature=1.0))
 
 
+def test_a_sharper_target_is_taken_only_when_asked_for() -> None:
+    """target_temperature: the student at T = 1 against the teacher's p at T' = 0.5 on purpose (on-policy
+    steps with a sharper teacher); the loss is the divergence to exactly that distribution."""
+    teacher_logits = 2.0 * torch.randn(2, 6, 40, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    sharp = targets_from_logits(teacher_logits, k=40, temperature=0.5)
+    sharp.temperature = 0.5
+    labels, mask = torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6)
+    with pytest.raises(ValueError, match="same T"):
+        distillation_loss_from_logits(teacher_logits, sharp, labels, mask, LossConfig(alpha=0.0))
+    cfg = LossConfig(alpha=0.0, target_temperature=0.5, divergence="reverse")
+    # a student whose logits are the teacher's / 0.5 matches the sharpened teacher exactly
+    assert distillation_loss_from_logits(teacher_logits / 0.5, sharp, labels, mask, cfg).divergence.abs() < 1e-12
+    out = distillation_loss_from_logits(teacher_logits, sharp, labels, mask, cfg)
+    p_student = torch.softmax(teacher_logits, -1)
+    dense = (p_student * (p_student.log() - torch.log_softmax(teacher_logits / 0.5, -1))).sum(-1).mean()
+    assert_close(out.divergence, dense)
+
+
 def test_entropy_floor_only_when_the_student_is_sharper() -> None:
     vocab, k = 20, 4
     p_teacher = torch.tensor([0.4, 0.3, 0.2, 0.05, 0.05], dtype=torch.float64)  # K then the tail
@@ -402,6 +420,8 @@ def test_no_grad_evaluation_returns_a_plain_loss() -> None:
     [
         ({"temperature": 0.0}, "temperature"),
         ({"temperature": math.inf}, "temperature"),
+        ({"target_temperature": 0.0}, "target_temperature"),
+        ({"target_temperature": math.nan}, "target_temperature"),
         ({"alpha": 1.5}, "alpha"),
         ({"lambda_div": -0.1}, "lambda_div"),
         ({"divergence": "js"}, "divergence"),

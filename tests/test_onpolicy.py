@@ -280,6 +280,19 @@ def test_jsd_and_a_fraction_of_one(tmp_path, chat_shards, tiny_teacher) -> None:
     assert summary["steps"] == 3
 
 
+def test_a_sharper_teacher_scores_the_same_text_at_its_own_temperature(tmp_path, chat_shards, tiny_teacher) -> None:
+    """onpolicy_teacher_temperature: the first step writes the same text (same seed, same weights) and
+    its divergence is to the teacher at 0.5, not at the run's 1."""
+    first = {}
+    for name, extra in (("plain", {}), ("sharp", {"onpolicy_teacher_temperature": 0.5})):
+        train(run_config(tmp_path / name, chat_shards, max_steps=2, onpolicy_fraction=1.0, **extra), teacher=tiny_teacher)
+        first[name] = next(line for line in metric_lines(tmp_path / name) if "train/total" in line)
+    assert first["plain"]["onpolicy/written_tokens"] == first["sharp"]["onpolicy/written_tokens"]
+    assert math.isfinite(first["sharp"]["train/divergence"])
+    assert first["sharp"]["train/divergence"] != pytest.approx(first["plain"]["train/divergence"], rel=1e-3)
+    assert tiny_teacher.temperature == 1.0  # the run's teacher is untouched
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"teacher_mode": "cached", "teacher_cache": "somewhere"}, "a cache holds only the teacher's top k"),
     ({"teacher_mode": "network", "teacher_url": "http://127.0.0.1:9", "teacher_fallback": ["cached"]},
@@ -290,6 +303,7 @@ def test_jsd_and_a_fraction_of_one(tmp_path, chat_shards, tiny_teacher) -> None:
     ({"onpolicy_top_p": 0.0}, r"onpolicy_top_p must be in \(0, 1\]"),
     ({"onpolicy_top_p": 1.5}, r"onpolicy_top_p must be in \(0, 1\]"),
     ({"onpolicy_jsd_beta": 1.0}, r"onpolicy_jsd_beta must be in \(0, 1\)"),
+    ({"onpolicy_teacher_temperature": 0.0}, "onpolicy_teacher_temperature must be > 0"),
 ])
 def test_bad_onpolicy_settings_are_refused_before_training(tmp_path, chat_shards, overrides, message) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -45,21 +45,28 @@ class DirectTeacher:
         """``input_ids [B, L]``, ``lengths [B]`` -> targets ``[B, L, k]`` (padding rows: -inf)."""
         return self._targets(self._rows(input_ids, lengths), input_ids, lengths)
 
-    def scores_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, score_ids: torch.Tensor) -> TeacherScores:
+    def scores_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, score_ids: torch.Tensor,
+                   temperature: float | None = None) -> TeacherScores:
         """Targets ``[B, L, k]`` and the exact log-probs of ``score_ids [B, L, m]`` at every position,
-        from one forward (e.g. a student's sampled tokens and its own top k, for on-policy losses)."""
-        rows = self._rows(input_ids, lengths, packed_score_ids(score_ids, lengths.tolist()))
-        return TeacherScores.from_rows(self._targets(rows, input_ids, lengths), score_ids, rows.score_logprobs,
-                                       rows.logsumexp, lengths.tolist())
+        from one forward (e.g. a student's sampled tokens and its own top k, for on-policy losses).
+        ``temperature``: the teacher's for this request (None: the run's)."""
+        temperature = self.temperature if temperature is None else temperature
+        rows = self._rows(input_ids, lengths, packed_score_ids(score_ids, lengths.tolist()), temperature)
+        return TeacherScores.from_rows(self._targets(rows, input_ids, lengths, temperature), score_ids,
+                                       rows.score_logprobs, rows.logsumexp, lengths.tolist())
 
-    def _rows(self, input_ids: torch.Tensor, lengths: torch.Tensor, score_ids: np.ndarray | None = None):
-        request = EngineRequest(unpadded_rows(input_ids, lengths), self.k, self.temperature, score_ids,
+    def _rows(self, input_ids: torch.Tensor, lengths: torch.Tensor, score_ids: np.ndarray | None = None,
+              temperature: float | None = None):
+        temperature = self.temperature if temperature is None else temperature
+        request = EngineRequest(unpadded_rows(input_ids, lengths), self.k, temperature, score_ids,
                                 return_logsumexp=score_ids is not None)
         return self.engine.topk([request])[0]
 
-    def _targets(self, rows, input_ids: torch.Tensor, lengths: torch.Tensor) -> TeacherTargets:
+    def _targets(self, rows, input_ids: torch.Tensor, lengths: torch.Tensor,
+                 temperature: float | None = None) -> TeacherTargets:
         return TeacherTargets.from_rows(rows.indices, rows.logprobs, rows.tail_logprob, lengths.tolist(),
-                                        seq_len=input_ids.shape[1], temperature=self.temperature)
+                                        seq_len=input_ids.shape[1],
+                                        temperature=self.temperature if temperature is None else temperature)
 
     def close(self) -> None:
         pass

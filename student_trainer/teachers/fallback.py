@@ -86,14 +86,15 @@ class FallbackTeacher:
                     split: str = "train") -> TeacherTargets:
         return self._on_active(lambda source: source.targets_for(input_ids, lengths, indices, split))
 
-    def scores_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, score_ids: torch.Tensor) -> TeacherScores:
+    def scores_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, score_ids: torch.Tensor,
+                   temperature: float | None = None) -> TeacherScores:
         """Scores of ids (wire v1.1) from the active source, falling over like :meth:`targets_for`; a
         cached source cannot score ids the cache never saw, and says so."""
         def scores(source: TeacherSource) -> TeacherScores:
             if not hasattr(source, "scores_for"):
                 raise ValueError(f"teacher {source.name} cannot score arbitrary ids (a cache holds only the top k of "
                                  "its own data); fall back to a direct teacher instead (teacher_fallback: [direct])")
-            return source.scores_for(input_ids, lengths, score_ids)
+            return source.scores_for(input_ids, lengths, score_ids, temperature)
 
         return self._on_active(scores)
 

@@ -264,12 +264,12 @@ class NetworkTeacher:
         if problems:
             raise TeacherRejected(f"teacher {url}: " + "; ".join(problems))
 
-    def _check_reply(self, url: str, reply: TopKResponse, lengths: list[int]) -> None:
+    def _check_reply(self, url: str, reply: TopKResponse, lengths: list[int], temperature: float) -> None:
         if reply.lengths != lengths or reply.k != self.k:
             raise ValueError(f"lengths {reply.lengths} / k {reply.k} for a request of {lengths} / {self.k}")
-        if abs(reply.temperature - self.temperature) > 1e-6 * max(1.0, self.temperature):
+        if abs(reply.temperature - temperature) > 1e-6 * max(1.0, temperature):
             raise TeacherMismatch(f"teacher {url} answered at temperature {reply.temperature}, the run asked for "
-                                  f"{self.temperature}")
+                                  f"{temperature}")
         served = TeacherIdentity(reply.model, reply.weights_fingerprint, reply.tokenizer_sha256, reply.vocab_size)
         differences = self.identity.differences(served)
         if differences:  # behind a load balancer, any replica may answer: each reply is checked
@@ -284,7 +284,8 @@ class NetworkTeacher:
             return min(range(len(self.urls)), key=lambda i: self._down_until[i])
         return min(healthy, key=lambda i: (self._in_flight[i], (i - start) % len(self.urls)))
 
-    async def _request(self, body: bytes, lengths: list[int], scored: int = 0) -> TopKResponse:
+    async def _request(self, body: bytes, lengths: list[int], scored: int = 0,
+                       temperature: float | None = None) -> TopKResponse:
         errors: list[str] = []
         first_try = time.monotonic()
         for attempt in itertools.count():
@@ -296,7 +297,7 @@ class NetworkTeacher:
                 reply = await self._client.post(f"{url}/v1/topk", content=body, headers=self.headers)
                 if reply.status_code == 200:
                     decoded = decode_topk_response(reply.content, "msgpack")
-                    self._check_reply(url, decoded, lengths)
+                    self._check_reply(url, decoded, lengths, self.temperature if temperature is None else temperature)
                     if scored and (decoded.score_logprobs is None or decoded.score_logprobs.shape != (sum(lengths), scored)
                                    or decoded.logsumexp is None):
                         raise ValueError(f"a reply without the {scored} score_logprobs per position it was asked for")
@@ -364,19 +365,22 @@ class NetworkTeacher:
 
     def _targets(self, reply: TopKResponse, seq_len: int) -> TeacherTargets:
         return TeacherTargets.from_rows(np.array(reply.indices), np.array(reply.logprobs), np.array(reply.tail_logprob),
-                                        reply.lengths, seq_len=seq_len, temperature=self.temperature)
+                                        reply.lengths, seq_len=seq_len, temperature=reply.temperature)
 
-    def scores_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, score_ids: torch.Tensor) -> TeacherScores:
+    def scores_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, score_ids: torch.Tensor,
+                   temperature: float | None = None) -> TeacherScores:
         """Targets ``[B, L, k]`` and the exact log-probs of ``score_ids [B, L, m]`` at every position, in
-        one request (wire v1.1 ``score_ids`` + ``return_logsumexp``; retried and checked like any)."""
+        one request (wire v1.1 ``score_ids`` + ``return_logsumexp``; retried and checked like any).
+        ``temperature``: the teacher's for this request (None: the run's)."""
+        temperature = self.temperature if temperature is None else temperature
         if self._cannot_score:
             raise TeacherRejected(f"teacher {', '.join(sorted(self._cannot_score))} does not score ids (wire v1.1 "
                                   "score_ids; its GET /v1/models says score_ids: false): serve the teacher with "
                                   "TEACHER_ENGINE=hf from this version, and TEACHER_MAX_SCORE_IDS > 0")
         packed = packed_score_ids(score_ids, lengths.tolist())
-        body = encode_topk_request(unpadded_rows(input_ids, lengths, np.int32), k=self.k, temperature=self.temperature,
+        body = encode_topk_request(unpadded_rows(input_ids, lengths, np.int32), k=self.k, temperature=temperature,
                                    fmt="msgpack", score_ids=packed, return_logsumexp=True)
-        reply = asyncio.run_coroutine_threadsafe(self._request(body, lengths.tolist(), packed.shape[1]),
+        reply = asyncio.run_coroutine_threadsafe(self._request(body, lengths.tolist(), packed.shape[1], temperature),
                                                  self._loop).result()
         return TeacherScores.from_rows(self._targets(reply, input_ids.shape[1]), score_ids,
                                        np.array(reply.score_logprobs), np.array(reply.logsumexp), reply.lengths)

@@ -113,6 +113,9 @@ class TrainConfig:
     onpolicy_student_topk: int = 64  # the student's top ids the teacher scores at each written token (+ the sampled one)
     onpolicy_divergence: Literal["reverse_kl", "jsd"] = "reverse_kl"
     onpolicy_jsd_beta: float = 0.5
+    # the teacher's temperature when it scores the student's text; below `temperature` it is a sharper
+    # target (the student, at `temperature`, learns the teacher's p^(1/T') renormalised); None: `temperature`
+    onpolicy_teacher_temperature: float | None = None
     onpolicy_stop_ids: list[int] | None = None  # ids that end the student's text; None: the data's eos_id
     # optimiser
     optimizer: Literal["muon", "adamw"] = "muon"
@@ -207,6 +210,9 @@ class TrainConfig:
             raise ConfigError(f"onpolicy_student_topk must be >= 1, found {self.onpolicy_student_topk}")
         if not 0.0 < self.onpolicy_jsd_beta < 1.0:
             raise ConfigError(f"onpolicy_jsd_beta must be in (0, 1), found {self.onpolicy_jsd_beta}")
+        if self.onpolicy_teacher_temperature is not None and not self.onpolicy_teacher_temperature > 0:
+            raise ConfigError(f"onpolicy_teacher_temperature must be > 0 (or null: the run's temperature="
+                              f"{self.temperature}), found {self.onpolicy_teacher_temperature}")
         if self.teacher_mode == "cached" or "cached" in self.teacher_fallback:
             where = "teacher_mode=cached" if self.teacher_mode == "cached" else "teacher_fallback includes cached"
             raise ConfigError(f"onpolicy_fraction={self.onpolicy_fraction} needs a teacher that scores the student's "

@@ -50,6 +50,9 @@ class LossConfig:
 
     Attributes:
         temperature: ``T > 0``; must equal the temperature the teacher targets were computed at.
+        target_temperature: set only to train on targets of another temperature on purpose (on-policy
+            steps with a sharper teacher: the student at ``T``, the teacher at ``target_temperature``);
+            None: the targets must be at ``T``.
         alpha: weight of the hard-label CE in ``[0, 1]``; the divergence gets ``(1 - alpha) * T^2``.
         lambda_div: weight of the entropy floor ``relu(H_t - H_s)`` on the K+1 buckets (0 turns it off).
         divergence: ``"forward"`` KL(p_t || p_s), ``"reverse"`` KL(p_s || p_t), ``"skew"``
@@ -62,6 +65,7 @@ class LossConfig:
     """
 
     temperature: float = 1.0
+    target_temperature: float | None = None
     alpha: float = 0.5
     lambda_div: float = 0.0
     divergence: str = "forward"
@@ -72,6 +76,9 @@ class LossConfig:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"loss temperature must be a finite number > 0, found {self.temperature}")
+        if self.target_temperature is not None and not (math.isfinite(self.target_temperature)
+                                                        and self.target_temperature > 0):
+            raise ValueError(f"loss target_temperature must be a finite number > 0 or None, found {self.target_temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"loss alpha must be in [0, 1] (1 = CE only, 0 = divergence only), found {self.alpha}")
         if not (math.isfinite(self.lambda_div) and self.lambda_div >= 0):
@@ -218,10 +225,11 @@ def _supervised_rows(
             raise ValueError(f"{name} is on {tensor.device} but the student is on {device}; move it with .to()")
     if labels.dtype.is_floating_point:
         raise TypeError(f"labels must be integer token ids, found {labels.dtype}")
-    if targets.temperature is not None and abs(targets.temperature - config.temperature) > 1e-6:
+    expected_temperature = config.temperature if config.target_temperature is None else config.target_temperature
+    if targets.temperature is not None and abs(targets.temperature - expected_temperature) > 1e-6:
         raise ValueError(
-            f"the teacher targets were computed at T={targets.temperature} but the loss uses "
-            f"T={config.temperature}; set the loss temperature to the teacher's (both sides must use the same T)"
+            f"the teacher targets were computed at T={targets.temperature} but the loss expects targets at "
+            f"T={expected_temperature}; set the loss temperature to the teacher's (both sides must use the same T)"
         )
     mask = loss_mask.bool()
     indices, logprobs, tail = targets.select(mask, vocab_size)

@@ -52,6 +52,7 @@ class OnPolicySettings:
     stop_ids: list[int]
     max_seq_length: int
     top_p: float = 1.0  # nucleus filtering of the sampling (1: none)
+    teacher_temperature: float | None = None  # the teacher's when it scores (None: the loss's temperature)
 
     @property
     def scored_ids(self) -> int:
@@ -67,7 +68,8 @@ class OnPolicySettings:
         """The off-policy loss's settings with the on-policy divergence and no hard-label CE (the
         student's own samples are not labels)."""
         divergence = "reverse" if self.divergence == "reverse_kl" else "jsd"
-        return dataclasses.replace(base, alpha=0.0, divergence=divergence, jsd_beta=self.jsd_beta)
+        return dataclasses.replace(base, alpha=0.0, divergence=divergence, jsd_beta=self.jsd_beta,
+                                   target_temperature=self.teacher_temperature)
 
 
 @dataclass
@@ -219,7 +221,7 @@ class OnPolicy:
             rollout = sample_rollout(student, batch, self.settings, self.generator, self.vocab_limit, self.device,
                                      self.autocast)
             future = self._scoring.submit(self.teacher.scores_for, rollout.batch.input_ids, rollout.batch.lengths,
-                                          rollout.score_ids)
+                                          rollout.score_ids, self.settings.teacher_temperature)
             started.append((rollout, future))
         return started
 

@@ -199,7 +199,8 @@ def build_onpolicy(config: TrainConfig, teacher: TeacherSource, manifest: dict[s
         stop_ids = [int(manifest["eos_id"])]
     settings = OnPolicySettings(config.onpolicy_fraction, config.onpolicy_max_new_tokens, config.onpolicy_temperature,
                                 config.onpolicy_student_topk, config.onpolicy_divergence, config.onpolicy_jsd_beta,
-                                list(stop_ids), config.max_seq_length, config.onpolicy_top_p)
+                                list(stop_ids), config.max_seq_length, config.onpolicy_top_p,
+                                config.onpolicy_teacher_temperature)
     # one sampler stream per rank, derived from the run's seed
     return OnPolicy(settings, teacher, teacher.vocab_size, device, autocast, seed=config.seed * 1_000_003 + dist.rank + 1)
 
