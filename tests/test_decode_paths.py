@@ -135,3 +135,33 @@ def test_top_p_sampling_keeps_the_nucleus_only() -> None:
     assert counts[0] == 0 and counts[3] == 0  # 0.6 + 0.3 reaches 0.85: the two tails are cut
     share = counts[1].item() / draws.numel()
     assert abs(share - 0.6 / 0.9) < 0.04
+
+
+def _full_sort_draw(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """The nucleus draw over a full sort of the vocabulary (what sample_next_token did before its top-k
+    candidates): the reference for the same generator state."""
+    from student_trainer.model.student import _inverse_cdf_sample
+
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p, 0.0)
+    return order.gather(-1, _inverse_cdf_sample(sorted_probs, generator))[:, 0]
+
+
+@pytest.mark.parametrize("scale", [6.0, 2.0, 0.0])  # nucleus inside the top 256, inside the top 4,096, the whole vocab
+def test_the_nucleus_from_top_k_candidates_draws_what_a_full_sort_draws(scale: float) -> None:
+    from student_trainer.model import student as student_module
+
+    logits = scale * torch.randn(4, 49_152, generator=torch.Generator().manual_seed(7))
+    probs = torch.softmax(logits / 0.7, dim=-1)
+    nucleus = int((probs.sort(descending=True).values.cumsum(-1) < 0.9).sum(-1).max()) + 1
+    tried = []
+    real_topk = torch.Tensor.topk
+    with pytest.MonkeyPatch.context() as patch:  # record which candidate sizes were tried
+        patch.setattr(torch.Tensor, "topk", lambda self, k, *a, **kw: tried.append(k) or real_topk(self, k, *a, **kw))
+        for seed in range(20):
+            got = sample_next_token(logits, 0.7, 0.9, torch.Generator().manual_seed(seed))
+            want = _full_sort_draw(logits, 0.7, 0.9, torch.Generator().manual_seed(seed))
+            assert torch.equal(got, want), seed
+    first = student_module.NUCLEUS_CANDIDATES[0]
+    assert (nucleus <= first) == (set(tried) == {first}), (nucleus, set(tried))

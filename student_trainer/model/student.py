@@ -363,12 +363,34 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_p: flo
     """Sample ids ``[B]`` from logits ``[B, V]`` at ``temperature`` with nucleus (top-p) filtering."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs, order = _nucleus_candidates(probs, top_p)
         # Keep the smallest prefix whose mass reaches top_p (the most likely token is always kept).
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         return order.gather(-1, _inverse_cdf_sample(sorted_probs, generator))[:, 0]
     return _inverse_cdf_sample(probs, generator)[:, 0]
+
+
+NUCLEUS_CANDIDATES = (256, 4096)  # top-k sizes tried before a full sort (sample_next_token)
+
+
+def _nucleus_candidates(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``probs [B, V]`` sorted descending (values, ids) far enough to hold every row's nucleus.
+
+    A full sort of a 49k vocabulary costs ~7.5 ms for 4 rows on 2 cores, about a tenth of a recurrent
+    step; the nucleus is the smallest prefix reaching ``top_p``, so when the k largest already hold
+    ``top_p`` of every row's mass it lies inside them and ``topk(k)`` (0.25 ms at k = 256) gives the
+    same prefix, the same running sum and so the same draw (ids of equal probability may come in
+    another order, which does not change the law). Otherwise a larger k, then the sort."""
+    for k in NUCLEUS_CANDIDATES:
+        if k >= probs.size(-1):
+            break
+        values, ids = probs.topk(k, dim=-1)  # sorted, descending
+        # id k (the first left out) is outside the nucleus iff the mass before it reaches top_p: the same
+        # running sum as the caller's over the full sort, so the rows agree to the last bit
+        if bool((values.cumsum(dim=-1)[:, -1] >= top_p).all()):
+            return values, ids
+    return probs.sort(dim=-1, descending=True)
 
 
 def _inverse_cdf_sample(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
