@@ -17,7 +17,10 @@ times per row count (medians; the first step of each timed run is left out):
   what the on-policy sampler, ``generate`` and the serving engine use now.
 
 Also: one draw per row from ``[4, V]`` probabilities, ``torch.multinomial`` against the inverse-CDF
-draw of ``sample_next_token``.
+draw of ``sample_next_token``; and the nucleus (temperature 0.7, top-p 0.9, the ``generate`` defaults)
+on the student's own next-token logits along 32 decoded tokens of 4 rows: a full sort of the vocabulary
+against ``sample_next_token``'s top-k candidates (the same draws, checked), with how many rows' nuclei
+fit in each candidate size.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ import json
 import platform
 import statistics
 import time
+from typing import Any
 
 import torch
 
 from student_trainer.model import decode_linear
 from student_trainer.model.retrofit import copy_teacher_weights, load_teacher_lm, student_config_for
-from student_trainer.model.student import RetNetStudent, _inverse_cdf_sample
+from student_trainer.model import student as student_module
+from student_trainer.model.student import RetNetStudent, _inverse_cdf_sample, sample_next_token
 from teacher_server.engines.model_source import EMBEDDED_ALIAS
 
 # name: (few_rows, split, overwrite)
@@ -66,6 +71,33 @@ def sampler_us(vocab: int, reps: int) -> dict[str, float]:
         for _ in range(reps):
             draw()
         out[f"{name}_us"] = round(1e6 * (time.perf_counter() - started) / reps, 1)
+    return out
+
+
+@torch.no_grad()
+def nucleus_us(student: RetNetStudent, tokens: int = 32, reps: int = 5) -> dict[str, Any]:
+    """Microseconds per nucleus draw of 4 rows, full sort vs top-k candidates, on the student's logits."""
+    ids = torch.randint(0, student.config.vocab_size, (4, 48), generator=torch.Generator().manual_seed(4))
+    logits, state = student.prefill(ids)
+    steps, generator = [], torch.Generator().manual_seed(5)
+    for _ in range(tokens):
+        steps.append(logits.float())
+        token = sample_next_token(logits, 0.7, 0.9, generator)
+        logits, state = student.step(token, state, overwrite=True)
+    probs = [torch.softmax(z / 0.7, dim=-1) for z in steps]
+    sizes = [int((p.sort(dim=-1, descending=True).values.cumsum(-1) < 0.9).sum(-1).max()) + 1 for p in probs]
+    out: dict[str, Any] = {"nucleus_sizes": {f"<= {k}": sum(n <= k for n in sizes)
+                                             for k in student_module.NUCLEUS_CANDIDATES}, "draws": len(sizes)}
+    candidates, draws = student_module.NUCLEUS_CANDIDATES, {}
+    for name, setting in (("full_sort", ()), ("candidates", candidates)):
+        student_module.NUCLEUS_CANDIDATES = setting
+        started = time.perf_counter()
+        for rep in range(reps):
+            generator = torch.Generator().manual_seed(rep)
+            draws[name] = [sample_next_token(z, 0.7, 0.9, generator) for z in steps]
+        out[f"{name}_us"] = round(1e6 * (time.perf_counter() - started) / (reps * len(steps)), 1)
+    student_module.NUCLEUS_CANDIDATES = candidates
+    out["same_draws"] = all(torch.equal(a, b) for a, b in zip(draws["full_sort"], draws["candidates"]))
     return out
 
 
@@ -103,6 +135,8 @@ def main() -> None:
     decode_linear.FEW_ROWS, decode_linear.SPLIT = PATHS["+split"][:2]
     print(json.dumps({"bench": "decode_sampler", "rows": 4, "vocab": student.config.vocab_size,
                       **sampler_us(student.config.vocab_size, 200)}), flush=True)
+    print(json.dumps({"bench": "decode_nucleus", "rows": 4, "temperature": 0.7, "top_p": 0.9, **nucleus_us(student)}),
+          flush=True)
 
 
 if __name__ == "__main__":
