@@ -303,7 +303,8 @@ def test_a_sharper_teacher_scores_the_same_text_at_its_own_temperature(tmp_path,
     ({"onpolicy_top_p": 0.0}, r"onpolicy_top_p must be in \(0, 1\]"),
     ({"onpolicy_top_p": 1.5}, r"onpolicy_top_p must be in \(0, 1\]"),
     ({"onpolicy_jsd_beta": 1.0}, r"onpolicy_jsd_beta must be in \(0, 1\)"),
-    ({"onpolicy_teacher_temperature": 0.0}, "onpolicy_teacher_temperature must be > 0"),
+    ({"onpolicy_teacher_temperature": 0.0}, "onpolicy_teacher_temperature must be a finite number > 0"),
+    ({"onpolicy_teacher_temperature": float("inf")}, "onpolicy_teacher_temperature must be a finite number > 0"),
 ])
 def test_bad_onpolicy_settings_are_refused_before_training(tmp_path, chat_shards, overrides, message) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -212,8 +213,9 @@ class TrainConfig:
             raise ConfigError(f"onpolicy_student_topk must be >= 1, found {self.onpolicy_student_topk}")
         if not 0.0 < self.onpolicy_jsd_beta < 1.0:
             raise ConfigError(f"onpolicy_jsd_beta must be in (0, 1), found {self.onpolicy_jsd_beta}")
-        if self.onpolicy_teacher_temperature is not None and not self.onpolicy_teacher_temperature > 0:
-            raise ConfigError(f"onpolicy_teacher_temperature must be > 0 (or null: the run's temperature="
+        if self.onpolicy_teacher_temperature is not None and not (math.isfinite(self.onpolicy_teacher_temperature)
+                                                                  and self.onpolicy_teacher_temperature > 0):
+            raise ConfigError(f"onpolicy_teacher_temperature must be a finite number > 0 (or null: the run's temperature="
                               f"{self.temperature}), found {self.onpolicy_teacher_temperature}")
         if self.teacher_mode == "cached" or "cached" in self.teacher_fallback:
             where = "teacher_mode=cached" if self.teacher_mode == "cached" else "teacher_fallback includes cached"
