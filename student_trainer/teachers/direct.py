@@ -43,7 +43,7 @@ class DirectTeacher:
     def targets_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, indices: torch.Tensor,
                     split: str = "train") -> TeacherTargets:
         """``input_ids [B, L]``, ``lengths [B]`` -> targets ``[B, L, k]`` (padding rows: -inf)."""
-        return self._targets(self._rows(input_ids, lengths), input_ids, lengths)
+        return self._targets(self._rows(input_ids, lengths, self.temperature), input_ids, lengths, self.temperature)
 
     def scores_for(self, input_ids: torch.Tensor, lengths: torch.Tensor, score_ids: torch.Tensor,
                    temperature: float | None = None) -> TeacherScores:
@@ -51,22 +51,19 @@ class DirectTeacher:
         from one forward (e.g. a student's sampled tokens and its own top k, for on-policy losses).
         ``temperature``: the teacher's for this request (None: the run's)."""
         temperature = self.temperature if temperature is None else temperature
-        rows = self._rows(input_ids, lengths, packed_score_ids(score_ids, lengths.tolist()), temperature)
+        rows = self._rows(input_ids, lengths, temperature, packed_score_ids(score_ids, lengths.tolist()))
         return TeacherScores.from_rows(self._targets(rows, input_ids, lengths, temperature), score_ids,
                                        rows.score_logprobs, rows.logsumexp, lengths.tolist())
 
-    def _rows(self, input_ids: torch.Tensor, lengths: torch.Tensor, score_ids: np.ndarray | None = None,
-              temperature: float | None = None):
-        temperature = self.temperature if temperature is None else temperature
+    def _rows(self, input_ids: torch.Tensor, lengths: torch.Tensor, temperature: float,
+              score_ids: np.ndarray | None = None):
         request = EngineRequest(unpadded_rows(input_ids, lengths), self.k, temperature, score_ids,
                                 return_logsumexp=score_ids is not None)
         return self.engine.topk([request])[0]
 
-    def _targets(self, rows, input_ids: torch.Tensor, lengths: torch.Tensor,
-                 temperature: float | None = None) -> TeacherTargets:
+    def _targets(self, rows, input_ids: torch.Tensor, lengths: torch.Tensor, temperature: float) -> TeacherTargets:
         return TeacherTargets.from_rows(rows.indices, rows.logprobs, rows.tail_logprob, lengths.tolist(),
-                                        seq_len=input_ids.shape[1],
-                                        temperature=self.temperature if temperature is None else temperature)
+                                        seq_len=input_ids.shape[1], temperature=temperature)
 
     def close(self) -> None:
         pass

@@ -284,8 +284,7 @@ class NetworkTeacher:
             return min(range(len(self.urls)), key=lambda i: self._down_until[i])
         return min(healthy, key=lambda i: (self._in_flight[i], (i - start) % len(self.urls)))
 
-    async def _request(self, body: bytes, lengths: list[int], scored: int = 0,
-                       temperature: float | None = None) -> TopKResponse:
+    async def _request(self, body: bytes, lengths: list[int], temperature: float, scored: int = 0) -> TopKResponse:
         errors: list[str] = []
         first_try = time.monotonic()
         for attempt in itertools.count():
@@ -297,7 +296,7 @@ class NetworkTeacher:
                 reply = await self._client.post(f"{url}/v1/topk", content=body, headers=self.headers)
                 if reply.status_code == 200:
                     decoded = decode_topk_response(reply.content, "msgpack")
-                    self._check_reply(url, decoded, lengths, self.temperature if temperature is None else temperature)
+                    self._check_reply(url, decoded, lengths, temperature)
                     if scored and (decoded.score_logprobs is None or decoded.score_logprobs.shape != (sum(lengths), scored)
                                    or decoded.logsumexp is None):
                         raise ValueError(f"a reply without the {scored} score_logprobs per position it was asked for")
@@ -349,7 +348,7 @@ class NetworkTeacher:
         rows = unpadded_rows(input_ids, lengths, np.int32)
         seed = {"sample_seed": zlib.crc32(b"".join(row.tobytes() for row in rows))} if self.target_encoding == "sampled" else {}
         body = encode_topk_request(rows, k=self.k, temperature=self.temperature, fmt="msgpack", **self._encoding, **seed)
-        return asyncio.run_coroutine_threadsafe(self._request(body, lengths.tolist()), self._loop)
+        return asyncio.run_coroutine_threadsafe(self._request(body, lengths.tolist(), self.temperature), self._loop)
 
     def prefetch(self, input_ids: torch.Tensor, lengths: torch.Tensor, indices: torch.Tensor, split: str = "train") -> None:
         """Start fetching the targets of an upcoming batch; :meth:`targets_for` picks them up."""
@@ -380,7 +379,7 @@ class NetworkTeacher:
         packed = packed_score_ids(score_ids, lengths.tolist())
         body = encode_topk_request(unpadded_rows(input_ids, lengths, np.int32), k=self.k, temperature=temperature,
                                    fmt="msgpack", score_ids=packed, return_logsumexp=True)
-        reply = asyncio.run_coroutine_threadsafe(self._request(body, lengths.tolist(), packed.shape[1], temperature),
+        reply = asyncio.run_coroutine_threadsafe(self._request(body, lengths.tolist(), temperature, packed.shape[1]),
                                                  self._loop).result()
         return TeacherScores.from_rows(self._targets(reply, input_ids.shape[1]), score_ids,
                                        np.array(reply.score_logprobs), np.array(reply.logsumexp), reply.lengths)
