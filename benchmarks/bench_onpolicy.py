@@ -161,6 +161,8 @@ def arm_config(args: argparse.Namespace, data: Path, output_dir: Path, **overrid
         "onpolicy_student_topk": args.student_topk, "onpolicy_temperature": args.onpolicy_temperature,
         "onpolicy_top_p": args.onpolicy_top_p, "onpolicy_divergence": args.onpolicy_divergence,
         "onpolicy_jsd_beta": args.onpolicy_jsd_beta, "onpolicy_teacher_temperature": args.onpolicy_teacher_temperature,
+        "onpolicy_sequence_weight": args.onpolicy_sequence_weight, "onpolicy_sequence_reward": args.onpolicy_sequence_reward,
+        "onpolicy_sequence_discount": args.onpolicy_sequence_discount,
         **overrides,
     }
     return load_config(None, [f"{key}={json.dumps(value)}" for key, value in settings.items()])
@@ -347,6 +349,11 @@ def main() -> None:
     parser.add_argument("--onpolicy-jsd-beta", type=float, default=0.5, help="the arms' onpolicy_jsd_beta")
     parser.add_argument("--onpolicy-teacher-temperature", type=float, default=None,
                         help="the arms' onpolicy_teacher_temperature (default: the run's temperature, 1)")
+    parser.add_argument("--onpolicy-sequence-weight", type=float, default=0.0, help="the arms' onpolicy_sequence_weight")
+    parser.add_argument("--onpolicy-sequence-reward", default="reverse_kl", choices=["reverse_kl", "teacher_logprob"],
+                        help="the arms' onpolicy_sequence_reward")
+    parser.add_argument("--onpolicy-sequence-discount", type=float, default=0.9,
+                        help="the arms' onpolicy_sequence_discount")
     parser.add_argument("--judge-temperature", type=float, default=1.0, help="sampling of the judged answers")
     parser.add_argument("--judge-top-p", type=float, default=1.0, help="sampling of the judged answers")
     parser.add_argument("--lr", type=float, default=1e-4)

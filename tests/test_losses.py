@@ -169,6 +169,42 @@ def test_chunked_gradients_match_dense_autograd(divergence: str) -> None:
     assert_close(logits_grad, ref_logits_grad)
 
 
+def test_the_sequence_term_is_an_advantage_weighted_ce_of_the_labels_in_every_chunking() -> None:
+    """loss + w * sum_rows A * (-log_softmax(z)[label]) / rows, with its gradient, chunked or dense; the
+    advantages are constants and rows without a label add nothing."""
+    hidden, weight, targets, labels, mask = make_batch(seed=5)
+    gen = torch.Generator().manual_seed(1)
+    advantages = torch.randn(labels.shape, generator=gen, dtype=torch.float64)
+    base = LossConfig(temperature=1.0, alpha=0.0, divergence="reverse")
+    cfg = LossConfig(temperature=1.0, alpha=0.0, divergence="reverse", sequence_weight=0.7)
+    logits = hidden @ weight.T
+    nll = -torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+    counted = mask.bool() & (labels >= 0)
+    expected = reference_loss(logits, targets, labels, mask, base)["loss"] \
+        + 0.7 * (advantages * nll)[counted].sum() / mask.sum()
+    ref_grads = torch.autograd.grad(expected, (hidden, weight))
+    for chunk_rows in (1, 3, 100):  # offsets into the advantages across chunk boundaries
+        cfg.chunk_rows = chunk_rows
+        out = distillation_loss(hidden, weight, targets, labels, mask, cfg, advantages=advantages)
+        assert_close(out.loss, expected)
+        assert_close(torch.autograd.grad(out.loss, (hidden, weight)), ref_grads)
+    dense = distillation_loss_from_logits(logits, targets, labels, mask, cfg, advantages=advantages)
+    assert_close(dense.loss, expected)
+    # the term is off at weight 0 whatever the advantages, and the divergence is not changed by it
+    plain = distillation_loss(hidden, weight, targets, labels, mask, base, advantages=advantages)
+    assert_close(plain.loss, reference_loss(logits, targets, labels, mask, base)["loss"])
+    assert_close(out.divergence, plain.divergence)
+
+
+def test_the_sequence_term_needs_advantages_of_the_batch_shape() -> None:
+    hidden, weight, targets, labels, mask = make_batch()
+    cfg = LossConfig(alpha=0.0, temperature=2.0, sequence_weight=1.0)
+    with pytest.raises(ValueError, match="needs float advantages"):
+        distillation_loss(hidden, weight, targets, labels, mask, cfg)
+    with pytest.raises(ValueError, match="needs float advantages"):
+        distillation_loss(hidden, weight, targets, labels, mask, cfg, advantages=torch.zeros(2, 3))
+
+
 # ------------------------------------------------------------------------------ -inf and masks
 
 
@@ -430,6 +466,8 @@ def test_no_grad_evaluation_returns_a_plain_loss() -> None:
         ({"jsd_beta": 1.0}, "jsd_beta"),
         ({"chunk_rows": 0}, "chunk_rows"),
         ({"chunk_rows": 2.5}, "chunk_rows"),
+        ({"sequence_weight": -1.0}, "sequence_weight"),
+        ({"sequence_weight": math.nan}, "sequence_weight"),
     ],
 )
 def test_loss_config_rejects_bad_values(kwargs: dict, match: str) -> None:

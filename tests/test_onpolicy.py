@@ -17,7 +17,8 @@ from student_trainer.training.config import ConfigError, load_config
 from student_trainer.training.batches import Batch
 from student_trainer.data.preprocess import PreprocessConfig, preprocess
 from student_trainer.training.losses import LossConfig, distillation_loss_from_logits
-from student_trainer.training.onpolicy import OnPolicySettings, prompts_of, sample_rollout, union_targets
+from student_trainer.training.onpolicy import (OnPolicySettings, future_advantages, prompts_of, sample_rollout,
+                                               union_targets)
 from student_trainer.teachers.targets import TeacherScores, TeacherTargets
 from student_trainer.teachers import DirectTeacher
 from student_trainer.training.recipe import train
@@ -106,11 +107,21 @@ def test_the_sampler_writes_from_each_prompt_and_marks_only_written_positions() 
         assert int(rollout.score_ids[row].max()) < 50  # never beyond the teacher's vocab
         assert (rollout.score_ids[row, n:] == 0).all() and (out.row_mask[row, n:] == 0).all()
     assert rollout.written_tokens == int(out.row_mask.sum())
-    assert (out.labels == -100).all()
+    # the written tokens are the labels of the rows that predict them, nothing else has one
+    written_mask = out.row_mask.bool()
+    assert (out.labels[written_mask] == rollout.score_ids[..., -1][written_mask]).all()
+    assert (out.labels[~written_mask] == -100).all()
     # the student's own top 5 are the scored ids next to the sampled one
     logits = student(out.input_ids)[..., :50]
     row, t = 0, len(prompts[0]) - 1
     assert set(rollout.score_ids[row, t, :5].tolist()) == set(logits[row, t].topk(5).indices.tolist())
+    # and the log-prob the sampler recorded is the student's own of the written token (over the teacher's ids)
+    for row in range(len(prompts)):
+        positions = out.row_mask[row].nonzero()[:, 0]
+        for t in positions[:-1].tolist():  # the last written token is not an input, so no logits row here
+            expected = logits[row, t].log_softmax(-1)[out.labels[row, t]]
+            assert abs(float(rollout.student_logprobs[row, t]) - float(expected)) < 1e-4
+    assert (rollout.student_logprobs[~written_mask] == 0).all()
 
 
 def test_onpolicy_top_p_keeps_the_sampling_inside_the_nucleus() -> None:
@@ -223,6 +234,57 @@ def test_rows_outside_the_mask_are_padding() -> None:
     assert (union.logprobs[0, 1] > -math.inf).any()
 
 
+@pytest.mark.parametrize("discount", [0.0, 0.5, 1.0])
+def test_a_written_tokens_advantage_is_the_whitened_discounted_mean_of_the_later_rewards(discount: float) -> None:
+    gen = torch.Generator().manual_seed(2)
+    rewards = torch.randn(3, 9, generator=gen)
+    written = torch.zeros(3, 9, dtype=torch.bool)
+    written[0, 2:8], written[1, 0:3], written[2, 4:5] = True, True, True  # row 2: one token, no future
+    padded = torch.where(written, rewards, torch.tensor(123.0))  # what lies outside must not count
+    advantages = future_advantages(padded, written, discount)
+    returns = {}
+    for row in range(3):
+        positions = written[row].nonzero()[:, 0].tolist()
+        for i, t in enumerate(positions[:-1]):
+            later = positions[i + 1:]
+            weights = [discount ** (j - t - 1) if j - t - 1 > 0 else 1.0 for j in later]
+            returns[row, t] = sum(w * float(rewards[row, j]) for w, j in zip(weights, later)) / sum(weights)
+    values = torch.tensor(list(returns.values()), dtype=torch.float64)
+    expected = (values - values.mean()) / values.std()
+    for (row, t), value in zip(returns, expected.tolist()):
+        assert float(advantages[row, t]) == pytest.approx(value, abs=1e-4)
+    has_future = torch.zeros_like(written)
+    for row, t in returns:
+        has_future[row, t] = True
+    assert (advantages[~has_future] == 0).all()  # last tokens, the lone token, prompt and padding
+    if discount == 0.0:  # the next token's reward only
+        assert returns[0, 2] == pytest.approx(float(rewards[0, 3]))
+
+
+def test_the_sequence_term_adds_a_policy_gradient_to_the_same_text(tmp_path, chat_shards, tiny_teacher) -> None:
+    """onpolicy_sequence_weight: the first step writes the same text (same seed, same weights), its
+    divergence is the same, the loss is not, and the written tokens' mean reward is logged."""
+    first = {}
+    for name, extra in (("plain", {}),
+                        ("reverse_kl", {"onpolicy_sequence_weight": 1.0}),
+                        ("teacher", {"onpolicy_sequence_weight": 1.0, "onpolicy_sequence_reward": "teacher_logprob",
+                                     "onpolicy_sequence_discount": 1.0})):
+        summary = train(run_config(tmp_path / name, chat_shards, max_steps=3, onpolicy_fraction=1.0, **extra),
+                        teacher=tiny_teacher)
+        assert summary["steps"] == 3
+        lines = [line for line in metric_lines(tmp_path / name) if "train/total" in line]
+        assert all(math.isfinite(line["train/total"]) for line in lines)
+        first[name] = lines[0]
+    plain = first["plain"]
+    for name in ("reverse_kl", "teacher"):
+        assert first[name]["onpolicy/written_tokens"] == plain["onpolicy/written_tokens"]
+        assert first[name]["train/divergence"] == pytest.approx(plain["train/divergence"], rel=1e-5)
+        assert first[name]["train/total"] != pytest.approx(plain["train/total"], rel=1e-4)
+    assert first["teacher"]["onpolicy/reward"] < 0  # a mean of the teacher's log-probs
+    # the reverse-KL reward is the teacher's log-prob minus the student's: it differs from the plain one
+    assert first["reverse_kl"]["onpolicy/reward"] != pytest.approx(first["teacher"]["onpolicy/reward"], rel=1e-3)
+
+
 def test_the_schedule_spreads_onpolicy_steps_evenly() -> None:
     quarter = [s for s in range(12) if settings(fraction=0.25).is_onpolicy(s)]
     assert quarter == [3, 7, 11]
@@ -256,8 +318,10 @@ def test_a_run_mixes_onpolicy_steps_into_kd_and_resumes_exactly(tmp_path, chat_s
     for line in lines:
         assert math.isfinite(line["train/total"])
         if line["step"] in onpolicy:
-            assert line["onpolicy/written_tokens"] > 0 and line["train/ce"] == 0.0  # no hard labels on its own text
-            assert line["train/divergence"] >= 0.0
+            assert line["onpolicy/written_tokens"] > 0 and line["train/divergence"] >= 0.0
+            # the student's NLL of its own text is logged as train/ce, but its own samples are not hard labels
+            assert line["train/ce"] > 0.0 and "onpolicy/reward" not in line
+            assert line["train/total"] == pytest.approx(line["train/divergence"], rel=1e-5)
     state = json.loads((Path(straight["checkpoint"]) / "trainer_state.json").read_text())
     assert len(state["onpolicy_rng"]) == 1 and state["teacher_tokens"] > 0
 
@@ -305,6 +369,9 @@ def test_a_sharper_teacher_scores_the_same_text_at_its_own_temperature(tmp_path,
     ({"onpolicy_jsd_beta": 1.0}, r"onpolicy_jsd_beta must be in \(0, 1\)"),
     ({"onpolicy_teacher_temperature": 0.0}, "onpolicy_teacher_temperature must be a finite number > 0"),
     ({"onpolicy_teacher_temperature": float("inf")}, "onpolicy_teacher_temperature must be a finite number > 0"),
+    ({"onpolicy_sequence_weight": -0.5}, "onpolicy_sequence_weight must be a finite number >= 0"),
+    ({"onpolicy_sequence_discount": 1.5}, r"onpolicy_sequence_discount must be in \[0, 1\]"),
+    ({"onpolicy_sequence_reward": "bleu"}, "onpolicy_sequence_reward"),
 ])
 def test_bad_onpolicy_settings_are_refused_before_training(tmp_path, chat_shards, overrides, message) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -120,6 +120,11 @@ class TrainConfig:
     # target (the student, at `temperature`, learns the teacher's p^(1/T') renormalised); None: `temperature`
     onpolicy_teacher_temperature: float | None = None
     onpolicy_stop_ids: list[int] | None = None  # ids that end the student's text; None: the data's eos_id
+    # the sequence term: a policy gradient of the rewards of the tokens after each written token, which the
+    # token-level divergence does not see (where a token leads); 0: off (README: On-policy distillation)
+    onpolicy_sequence_weight: float = 0.0
+    onpolicy_sequence_reward: Literal["reverse_kl", "teacher_logprob"] = "reverse_kl"
+    onpolicy_sequence_discount: float = 0.9  # of the later rewards in a token's return (0: the next token's only)
     # optimiser
     optimizer: Literal["muon", "adamw"] = "muon"
     lr: float = 3e-4
@@ -217,6 +222,12 @@ class TrainConfig:
                                                                   and self.onpolicy_teacher_temperature > 0):
             raise ConfigError(f"onpolicy_teacher_temperature must be a finite number > 0 (or null: the run's temperature="
                               f"{self.temperature}), found {self.onpolicy_teacher_temperature}")
+        if not (math.isfinite(self.onpolicy_sequence_weight) and self.onpolicy_sequence_weight >= 0):
+            raise ConfigError(f"onpolicy_sequence_weight must be a finite number >= 0 (0: off), found "
+                              f"{self.onpolicy_sequence_weight}")
+        if not 0.0 <= self.onpolicy_sequence_discount <= 1.0:
+            raise ConfigError(f"onpolicy_sequence_discount must be in [0, 1] (0: the next token's reward only, 1: the "
+                              f"mean of all later ones), found {self.onpolicy_sequence_discount}")
         if self.teacher_mode == "cached" or "cached" in self.teacher_fallback:
             where = "teacher_mode=cached" if self.teacher_mode == "cached" else "teacher_fallback includes cached"
             raise ConfigError(f"onpolicy_fraction={self.onpolicy_fraction} needs a teacher that scores the student's "

@@ -23,11 +23,14 @@ from student_trainer.teachers import TeacherSource
 
 
 def student_loss(model: RetNetStudent, batch: Batch, targets: TeacherTargets, config: LossConfig,
-                 device: torch.device, autocast: Any, row_totals: tuple[float, float] | None = None) -> LossOutput:
+                 device: torch.device, autocast: Any, row_totals: tuple[float, float] | None = None,
+                 advantages: torch.Tensor | None = None) -> LossOutput:
+    """The distillation loss of ``batch``; ``advantages [B, L]``: an on-policy step's sequence term's."""
     with autocast:
         hidden = model.hidden_states(batch.input_ids.to(device))
     return distillation_loss(hidden, model.output_projection.weight, targets.to(device),
-                             batch.labels.to(device), batch.row_mask.to(device), config, row_totals)
+                             batch.labels.to(device), batch.row_mask.to(device), config, row_totals,
+                             None if advantages is None else advantages.to(device))
 
 
 def step_row_totals(batches: list[Batch], dist: Distributed) -> tuple[float, float]:
@@ -75,9 +78,11 @@ class DistillStep(nn.Module):
         self.student, self.losses, self.device, self.autocast = student, losses, device, autocast
 
     def forward(self, batch: Batch, targets: TeacherTargets, row_totals: tuple[float, float] | None = None,
-                losses: LossConfig | None = None) -> LossOutput:
-        """``losses``: this batch's loss settings (an on-policy step's), None: the run's."""
-        return student_loss(self.student, batch, targets, losses or self.losses, self.device, self.autocast, row_totals)
+                losses: LossConfig | None = None, advantages: torch.Tensor | None = None) -> LossOutput:
+        """``losses``: this batch's loss settings (an on-policy step's), None: the run's; ``advantages
+        [B, L]``: the on-policy sequence term's (None: off)."""
+        return student_loss(self.student, batch, targets, losses or self.losses, self.device, self.autocast, row_totals,
+                            advantages)
 
 
 class Evaluator:

@@ -9,8 +9,9 @@ For a supervised row with student logits ``z [V]``, temperature ``T`` and teache
 - student ``l_s = log_softmax(z / T)`` on ``K``; student tail ``logsumexp(z/T over V \\ K) - logsumexp(z/T)``,
   a masked logsumexp (``log1p(-sum p_s)`` cancels catastrophically when ``K`` holds nearly all the mass).
 - ``KL = sum_b p_t[b] * (l_t[b] - l_s[b])`` over the buckets; ``CE = -log_softmax(z)[y]`` at ``T = 1``.
-- ``loss = alpha * CE + (1 - alpha) * T^2 * D + lambda_div * relu(H_t - H_s)``, each a mean over
-  supervised rows; ``D`` is the forward KL, the reverse KL, the skew KL ``KL(p_t || b p_t + (1-b) p_s)``
+- ``loss = alpha * CE + (1 - alpha) * T^2 * D + lambda_div * relu(H_t - H_s) + w_seq * A * CE``, each a
+  mean over supervised rows; the last is the on-policy sequence term (a policy gradient: ``A`` a given
+  per-row advantage of the row's label, the token the student wrote there, ``w_seq`` its weight); ``D`` is the forward KL, the reverse KL, the skew KL ``KL(p_t || b p_t + (1-b) p_s)``
   or the generalised Jensen-Shannon divergence ``b KL(p_t || M) + (1-b) KL(p_s || M)``, ``M = b p_t + (1-b) p_s``
   (GKD's JSD(beta), bounded and symmetric at b = 0.5; the on-policy mode's choice next to the reverse KL).
 
@@ -60,6 +61,8 @@ class LossConfig:
             jsd_beta * KL(p_t || M) + (1 - jsd_beta) * KL(p_s || M) with M = jsd_beta * p_t + (1 - jsd_beta) * p_s.
         skew_beta: teacher share of the skew KL's mixture, in ``[0, 1)`` (0 is the forward KL).
         jsd_beta: teacher share of the JSD's mixture (and weight of its teacher term), in ``(0, 1)``.
+        sequence_weight: weight ``w_seq >= 0`` of the advantage-weighted CE ``A * CE`` (the on-policy
+            sequence term; needs ``advantages``; 0: off).
         chunk_rows: supervised rows per LM-head chunk; the chunk's fp32 work needs about
             ``5 * chunk_rows * V * 4`` bytes (1.3 GB for 512 rows of a 128K vocab).
     """
@@ -71,6 +74,7 @@ class LossConfig:
     divergence: str = "forward"
     skew_beta: float = 0.1
     jsd_beta: float = 0.5
+    sequence_weight: float = 0.0
     chunk_rows: int = 512
 
     def __post_init__(self) -> None:
@@ -91,6 +95,8 @@ class LossConfig:
             raise ValueError(f"loss skew_beta must be in [0, 1) (1 makes the skew KL zero), found {self.skew_beta}")
         if not 0.0 < self.jsd_beta < 1.0:
             raise ValueError(f"loss jsd_beta must be in (0, 1) (0 and 1 make the JSD zero), found {self.jsd_beta}")
+        if not (math.isfinite(self.sequence_weight) and self.sequence_weight >= 0):
+            raise ValueError(f"loss sequence_weight must be a finite number >= 0 (0: off), found {self.sequence_weight}")
         if isinstance(self.chunk_rows, bool) or not isinstance(self.chunk_rows, int) or self.chunk_rows < 1:
             raise ValueError(f"loss chunk_rows must be an int >= 1, found {self.chunk_rows!r}")
 
@@ -132,6 +138,7 @@ def distillation_loss(
     loss_mask: Tensor,
     config: LossConfig,
     row_totals: tuple[float, float] | None = None,
+    advantages: Tensor | None = None,
 ) -> LossOutput:
     """Distillation loss from final hidden states and a (tied) output head, chunked over rows.
 
@@ -146,6 +153,8 @@ def distillation_loss(
         row_totals: ``(supervised rows, rows with a label)`` to divide the loss sums by; None: this
             batch's. Gradient accumulation and data parallelism pass the whole optimiser step's (per
             rank), so that every supervised row weighs the same however the rows fall into micro-batches.
+        advantages: ``[B, L]`` float, the sequence term's advantage of each row's label (constants, no
+            gradient); needed when ``config.sequence_weight > 0``, ignored otherwise.
 
     Returns:
         :class:`LossOutput`. Only supervised rows go through the head. Under autocast the head matmul
@@ -158,7 +167,7 @@ def distillation_loss(
         )
     vocab = head_weight.shape[0]
     mask, rows = _supervised_rows(targets, labels, loss_mask, hidden.shape[:2], hidden.device, config, vocab,
-                                  row_totals)
+                                  row_totals, advantages)
     grad_on = torch.is_grad_enabled()
     loss, sums = _ChunkedHeadLoss.apply(
         hidden[mask], head_weight, rows, config,
@@ -173,6 +182,7 @@ def distillation_loss_from_logits(
     labels: Tensor,
     loss_mask: Tensor,
     config: LossConfig,
+    advantages: Tensor | None = None,
 ) -> LossOutput:
     """The same loss from full logits ``[B, L, V]`` (small vocabularies and tests; plain autograd).
 
@@ -181,7 +191,8 @@ def distillation_loss_from_logits(
     if logits.dim() != 3:
         raise ValueError(f"expected logits [B, L, V], found shape {tuple(logits.shape)}")
     vocab = logits.shape[-1]
-    mask, rows = _supervised_rows(targets, labels, loss_mask, logits.shape[:2], logits.device, config, vocab)
+    mask, rows = _supervised_rows(targets, labels, loss_mask, logits.shape[:2], logits.device, config, vocab,
+                                  advantages=advantages)
     z = logits[mask].to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
     terms = _row_terms(_logit_stats(z, rows, config)[0], rows, config)
     return _output(_weighted_sum(terms, rows, config), _stat_sums(terms, config), rows)
@@ -202,6 +213,7 @@ class _Rows(NamedTuple):
     # what the loss sums are divided by: these rows' counts, or a whole optimiser step's (accumulation, DDP)
     norm_rows: float
     norm_label_rows: float
+    advantages: Tensor | None = None  # [N] the sequence term's, None when it is off
 
 
 def _supervised_rows(
@@ -213,6 +225,7 @@ def _supervised_rows(
     config: LossConfig,
     vocab_size: int,
     row_totals: tuple[float, float] | None = None,
+    advantages: Tensor | None = None,
 ) -> tuple[Tensor, _Rows]:
     """Check shapes and values; return the ``[B, L]`` bool mask and the supervised rows' targets."""
     expected = tuple(batch_shape)
@@ -231,7 +244,13 @@ def _supervised_rows(
             f"the teacher targets were computed at T={targets.temperature} but the loss expects targets at "
             f"T={expected_temperature}; set the loss temperature to the teacher's (both sides must use the same T)"
         )
+    if config.sequence_weight > 0:
+        if advantages is None or tuple(advantages.shape) != expected or not advantages.dtype.is_floating_point:
+            found = None if advantages is None else f"{tuple(advantages.shape)} {advantages.dtype}"
+            raise ValueError(f"loss sequence_weight={config.sequence_weight} needs float advantages [B, L] = "
+                             f"{expected}, found {found}; pass the on-policy step's advantages or set it to 0")
     mask = loss_mask.bool()
+    row_advantages = advantages[mask].float() if config.sequence_weight > 0 else None
     indices, logprobs, tail = targets.select(mask, vocab_size)
     labels = labels[mask].long()
     label_max = labels.max() if labels.numel() else labels.new_tensor(-1)
@@ -240,7 +259,8 @@ def _supervised_rows(
         raise ValueError(f"labels must be < the student's vocab {vocab_size} (or negative: no CE), found {label_max}")
     n_rows, n_label_rows = labels.shape[0], int(n_label_rows)
     norm_rows, norm_label_rows = row_totals if row_totals is not None else (n_rows, n_label_rows)
-    return mask, _Rows(indices, logprobs, tail, labels, n_rows, n_label_rows, norm_rows, norm_label_rows)
+    return mask, _Rows(indices, logprobs, tail, labels, n_rows, n_label_rows, norm_rows, norm_label_rows,
+                       row_advantages)
 
 
 # ---------------------------------------------------------------------------------------- math
@@ -387,10 +407,13 @@ def _grad_logits(
     return grad_z
 
 
-def _weighted_sum(terms: _RowTerms, rows: _Rows, config: LossConfig) -> Tensor:
+def _weighted_sum(terms: _RowTerms, rows: _Rows, config: LossConfig, start: int = 0) -> Tensor:
     """These rows' share of the total loss: sums divided by the whole batch's row counts."""
     t2 = config.temperature**2
     soft = (1.0 - config.alpha) * t2 * terms.divergence + config.lambda_div * terms.floor
+    if rows.advantages is not None:  # the policy gradient of the sequence term: A * (-log p_s(label))
+        c = terms.ce.shape[0]
+        soft = soft + config.sequence_weight * rows.advantages[start : start + c].to(terms.ce.dtype) * terms.ce
     return soft.sum() / max(rows.norm_rows, 1) + config.alpha * terms.ce.sum() / max(rows.norm_label_rows, 1)
 
 
@@ -450,7 +473,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 leaves = {name: getattr(stats, name).detach().requires_grad_(need_grad) for name in _LEAVES}
                 with torch.enable_grad():
                     terms = _row_terms(stats._replace(**leaves), rows, config, start)
-                    chunk_loss = _weighted_sum(terms, rows, config)
+                    chunk_loss = _weighted_sum(terms, rows, config, start)
                 loss += chunk_loss.detach()
                 sums += _stat_sums(terms, config)
                 if need_grad:

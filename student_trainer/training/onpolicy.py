@@ -19,6 +19,16 @@ its own tokens and drifts (exposure bias). On an on-policy step (``onpolicy_frac
    one rest bucket on each side (the student's by an exact masked logsumexp, the teacher's as one
    minus the union's mass). This is the divergence of the two distributions coarsened to that
    partition: exact, and equal to the full one when the rest holds no mass.
+5. **Sequence term** (``onpolicy_sequence_weight`` > 0): the token-level divergence judges each written
+   token by the next-token distributions at its own position only, blind to where the token leads (into
+   text the teacher is unsure of, say). The sequence term adds the policy gradient of the rewards of the
+   tokens *after* each written token (MiniLLM's long-term part): reward ``r_j = log p_t(y_j) - log p_s(y_j)``
+   (``reverse_kl``, the sequence-level reverse KL) or ``log p_t(y_j)`` (``teacher_logprob``), both from
+   the scoring and the sampling (no extra forward); return ``R_t`` = the discounted mean of ``r_j`` over
+   the row's written ``j > t`` (``onpolicy_sequence_discount``); advantage ``A_t`` = ``R_t`` whitened over
+   the micro-batch's written tokens (0 for a row's last one, which has no future); loss ``w * A_t *
+   (-log p_s(y_t))`` at temperature 1, the score function of the student (exact for samples at
+   temperature 1 and top-p 1, a biased but lower-variance estimate otherwise).
 """
 
 from __future__ import annotations
@@ -53,6 +63,10 @@ class OnPolicySettings:
     max_seq_length: int
     top_p: float = 1.0  # nucleus filtering of the sampling (1: none)
     teacher_temperature: float | None = None  # the teacher's when it scores (None: the loss's temperature)
+    sequence_weight: float = 0.0  # weight of the sequence term (0: off)
+    sequence_reward: str = "reverse_kl"  # reverse_kl | teacher_logprob
+    sequence_discount: float = 0.9  # of the future rewards in a written token's return, in [0, 1]
+    reward_temperature: float = 1.0  # the student's log-probs of its tokens in the reward (the teacher's T)
 
     @property
     def scored_ids(self) -> int:
@@ -69,17 +83,20 @@ class OnPolicySettings:
         student's own samples are not labels)."""
         divergence = "reverse" if self.divergence == "reverse_kl" else "jsd"
         return dataclasses.replace(base, alpha=0.0, divergence=divergence, jsd_beta=self.jsd_beta,
-                                   target_temperature=self.teacher_temperature)
+                                   target_temperature=self.teacher_temperature, sequence_weight=self.sequence_weight)
 
 
 @dataclass
 class Rollout:
     """A micro-batch of the student's text: ``batch`` (prompt + written tokens but the last, which is only
-    a target; ``row_mask`` on the written positions; no labels) and ``score_ids [B, L, m]`` (the
-    student's top k and the sampled token at each written position, 0 elsewhere)."""
+    a target; ``row_mask`` on the written positions, the written tokens as their labels), ``score_ids
+    [B, L, m]`` (the student's top k and the sampled token at each written position, 0 elsewhere) and
+    ``student_logprobs [B, L]`` (the student's log-prob of each written token at ``reward_temperature``,
+    0 elsewhere)."""
 
     batch: Batch
     score_ids: torch.Tensor
+    student_logprobs: torch.Tensor
     prompt_tokens: int
     written_tokens: int
 
@@ -112,6 +129,7 @@ def sample_rollout(student: RetNetStudent, batch: Batch, settings: OnPolicySetti
     k = min(settings.student_topk, vocab_limit)
     written = torch.zeros((rows, settings.max_new_tokens), dtype=torch.int64, device=device)
     support = torch.zeros((rows, settings.max_new_tokens, k + 1), dtype=torch.int64, device=device)
+    logprobs = torch.zeros((rows, settings.max_new_tokens), dtype=torch.float32, device=device)
     counts = torch.zeros(rows, dtype=torch.int64, device=device)
     active = torch.ones(rows, dtype=torch.bool, device=device)
     stops = torch.tensor(settings.stop_ids, dtype=torch.int64, device=device)
@@ -125,6 +143,8 @@ def sample_rollout(student: RetNetStudent, batch: Batch, settings: OnPolicySetti
                 token = sample_next_token(logits, settings.temperature, settings.top_p, generator)
                 support[:, i, :k] = logits.topk(k, dim=-1).indices
                 support[:, i, k] = token
+                tempered = logits / settings.reward_temperature if settings.reward_temperature != 1.0 else logits
+                logprobs[:, i] = tempered.gather(1, token[:, None]).squeeze(1) - tempered.logsumexp(dim=-1)
                 written[:, i] = token
                 counts += active
                 active &= ~torch.isin(token, stops)
@@ -133,26 +153,54 @@ def sample_rollout(student: RetNetStudent, batch: Batch, settings: OnPolicySetti
                 logits, state = student.step(token, state, overwrite=True)
     finally:
         student.train(was_training)
-    return _rollout_batch(batch, prompts, written.cpu(), support.cpu(), counts.cpu())
+    return _rollout_batch(batch, prompts, written.cpu(), support.cpu(), logprobs.cpu(), counts.cpu())
 
 
 def _rollout_batch(batch: Batch, prompts: list[torch.Tensor], written: torch.Tensor, support: torch.Tensor,
-                   counts: torch.Tensor) -> Rollout:
+                   logprobs: torch.Tensor, counts: torch.Tensor) -> Rollout:
     """Prompt + written tokens, right-padded; the last written token is a target only (not an input)."""
     lengths = torch.tensor([len(p) + int(n) - 1 for p, n in zip(prompts, counts)], dtype=torch.int64)
     width = int(lengths.max())
     input_ids = torch.zeros((len(prompts), width), dtype=torch.int64)
     row_mask = torch.zeros((len(prompts), width), dtype=batch.row_mask.dtype)
     score_ids = torch.zeros((len(prompts), width, support.size(-1)), dtype=torch.int64)
+    labels = torch.full_like(input_ids, -100)
+    student_logprobs = torch.zeros((len(prompts), width), dtype=torch.float32)
     for row, (prompt, n) in enumerate(zip(prompts, counts.tolist())):
         start = len(prompt)
         input_ids[row, :start] = prompt
         input_ids[row, start:start + n - 1] = written[row, :n - 1]
         row_mask[row, start - 1:start + n - 1] = 1  # row t predicts token t + 1: the written ones
         score_ids[row, start - 1:start + n - 1] = support[row, :n]
-    labels = torch.full_like(input_ids, -100)
+        labels[row, start - 1:start + n - 1] = written[row, :n]
+        student_logprobs[row, start - 1:start + n - 1] = logprobs[row, :n]
     rollout = Batch(input_ids, lengths, batch.indices, row_mask, labels)
-    return Rollout(rollout, score_ids, sum(len(p) for p in prompts), int(counts.sum()))
+    return Rollout(rollout, score_ids, student_logprobs, sum(len(p) for p in prompts), int(counts.sum()))
+
+
+def future_advantages(rewards: torch.Tensor, written: torch.Tensor, discount: float) -> torch.Tensor:
+    """The sequence term's advantages ``[B, L]`` from per-token ``rewards [B, L]`` on the ``written [B, L]``
+    positions (each row's written positions contiguous, in order).
+
+    ``R_t = sum_{j > t} discount^(j-t-1) r_j / sum_{j > t} discount^(j-t-1)`` over the row's written ``j``
+    (the discounted mean of the rewards of the tokens after ``t``); the advantage is ``R`` whitened over the
+    written positions that have a future, and 0 at the others (a row's last token, padding, the prompt).
+    """
+    mask = written.bool()
+    w = mask.double()
+    width = rewards.size(1)
+    offsets = torch.arange(width, dtype=torch.float64)[None, :] - torch.arange(width, dtype=torch.float64)[:, None] - 1
+    after = offsets >= 0  # [t, j]: j > t
+    weights = torch.where(after, torch.tensor(float(discount), dtype=torch.float64) ** offsets.clamp_min(0), 0.0)
+    numerator = (rewards.double() * w) @ weights.T  # [B, L]: sum_j weights[t, j] * r_j over written j
+    denominator = w @ weights.T
+    has_future = mask & (denominator > 0)
+    returns = torch.where(has_future, numerator / denominator.clamp_min(1e-300), 0.0)
+    advantages = torch.zeros_like(returns)
+    if int(has_future.sum()) > 1:
+        picked = returns[has_future]
+        advantages[has_future] = (picked - picked.mean()) / (picked.std() + 1e-6)
+    return advantages.float()
 
 
 def union_targets(scores: TeacherScores, row_mask: torch.Tensor) -> TeacherTargets:
@@ -225,10 +273,21 @@ class OnPolicy:
             started.append((rollout, future))
         return started
 
-    @staticmethod
-    def targets(rollout: Rollout, scoring: Future) -> TeacherTargets:
-        """Wait for a rollout's scores (re-raising the teacher's error) -> union-support targets."""
-        return union_targets(scoring.result(), rollout.batch.row_mask)
+    def targets(self, rollout: Rollout, scoring: Future) -> tuple[TeacherTargets, torch.Tensor | None, float | None]:
+        """Wait for a rollout's scores (re-raising the teacher's error) -> union-support targets, the
+        sequence term's advantages ``[B, L]`` and the mean reward of the written tokens (both None when the
+        term is off)."""
+        scores = scoring.result()
+        targets = union_targets(scores, rollout.batch.row_mask)
+        if not self.settings.sequence_weight:
+            return targets, None, None
+        written = rollout.batch.row_mask.bool()
+        rewards = scores.score_logprobs[..., -1].float()  # the teacher's log-prob of the sampled token
+        if self.settings.sequence_reward == "reverse_kl":
+            rewards = rewards - rollout.student_logprobs
+        rewards = torch.where(written, rewards, 0.0)
+        advantages = future_advantages(rewards, written, self.settings.sequence_discount)
+        return targets, advantages, float(rewards[written].mean()) if written.any() else 0.0
 
     def state_dict(self) -> str:
         """The sampler's RNG state (base64), for the checkpoint."""

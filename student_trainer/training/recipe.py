@@ -200,7 +200,9 @@ def build_onpolicy(config: TrainConfig, teacher: TeacherSource, manifest: dict[s
     settings = OnPolicySettings(config.onpolicy_fraction, config.onpolicy_max_new_tokens, config.onpolicy_temperature,
                                 config.onpolicy_student_topk, config.onpolicy_divergence, config.onpolicy_jsd_beta,
                                 list(stop_ids), config.max_seq_length, config.onpolicy_top_p,
-                                config.onpolicy_teacher_temperature)
+                                config.onpolicy_teacher_temperature, config.onpolicy_sequence_weight,
+                                config.onpolicy_sequence_reward, config.onpolicy_sequence_discount,
+                                reward_temperature=config.onpolicy_teacher_temperature or config.temperature)
     # one sampler stream per rank, derived from the run's seed
     return OnPolicy(settings, teacher, teacher.vocab_size, device, autocast, seed=config.seed * 1_000_003 + dist.rank + 1)
 
@@ -375,7 +377,7 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
             step_start_state, step_rows = upcoming.sampler_state(), []
             step_start_rng = onpolicy.state_dict() if onpolicy is not None else None
             micro_batches = [upcoming.next() for _ in range(config.grad_accum_steps)]
-            on_policy, rollouts, sample_seconds = transfer is None and onpolicy_step(step), [], 0.0
+            on_policy, rollouts, sample_seconds, rewards = transfer is None and onpolicy_step(step), [], 0.0, []
             if on_policy:  # the student writes from the rows' prompts; the teacher scores it in the background
                 sampling_started = time.perf_counter()
                 rollouts = onpolicy.start(model, micro_batches)
@@ -393,8 +395,12 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
                     continue
                 teacher_started = time.perf_counter()
                 try:
+                    advantages = None
                     if on_policy:
-                        targets, lost = onpolicy.targets(*rollouts[micro]), None
+                        targets, advantages, reward = onpolicy.targets(*rollouts[micro])
+                        lost = None
+                        if reward is not None:
+                            rewards.append(reward)
                     else:
                         targets, lost = teacher.targets_for(batch.input_ids, batch.lengths, batch.indices), None
                 except TeacherError as exc:
@@ -417,7 +423,7 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
                 step_teacher_tokens += int(batch.lengths.sum())
                 # gradients are averaged across ranks in the backward of the last micro-step only
                 with dist.gradient_sync(trainable, sync=micro == config.grad_accum_steps - 1):
-                    out = trainable(batch, targets, row_totals, onpolicy_losses if on_policy else None)
+                    out = trainable(batch, targets, row_totals, onpolicy_losses if on_policy else None, advantages)
                     out.loss.backward()  # already this micro-batch's share of the step (step_row_totals)
                 micro_metrics.append(out.metrics("train/"))
                 step_tokens += int(batch.lengths.sum())
@@ -461,6 +467,7 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
                             **({"onpolicy/sample_seconds": sample_seconds,
                                 "onpolicy/written_tokens": sum(rollout.written_tokens for rollout, _ in rollouts)}
                                if on_policy else {}),
+                            **({"onpolicy/reward": sum(rewards) / len(rewards)} if rewards else {}),
                             **{f"teacher/{key}": value for key, value in getattr(teacher, "stats", {}).items()},
                             **{f"lr/{name}": value for name, value in lrs.items()}})
             if not skipped:
