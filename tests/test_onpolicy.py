@@ -89,8 +89,8 @@ def test_the_sampler_writes_from_each_prompt_and_marks_only_written_positions() 
     batch = a_batch([list(range(1, 11)), list(range(20, 25)), list(range(30, 44))], [6, 2, 9])
     generator = torch.Generator().manual_seed(0)
     stop = 7
-    rollout = sample_rollout(student, batch, settings(stop_ids=[stop], student_topk=5), generator, vocab_limit=50,
-                             device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False))
+    rollout = sample_rollout(student, batch, settings(stop_ids=[stop], student_topk=5, sequence_weight=1.0), generator,
+                             vocab_limit=50, device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False))
     out = rollout.batch
     prompts = prompts_of(batch, 32 - 6)
     for row, prompt in enumerate(prompts):

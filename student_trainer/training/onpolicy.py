@@ -91,8 +91,8 @@ class Rollout:
     """A micro-batch of the student's text: ``batch`` (prompt + written tokens but the last, which is only
     a target; ``row_mask`` on the written positions, the written tokens as their labels), ``score_ids
     [B, L, m]`` (the student's top k and the sampled token at each written position, 0 elsewhere) and
-    ``student_logprobs [B, L]`` (the student's log-prob of each written token at ``reward_temperature``,
-    0 elsewhere)."""
+    ``student_logprobs [B, L]`` (the student's log-prob of each written token at ``reward_temperature``
+    when the sequence term is on; 0 elsewhere and otherwise)."""
 
     batch: Batch
     score_ids: torch.Tensor
@@ -143,8 +143,9 @@ def sample_rollout(student: RetNetStudent, batch: Batch, settings: OnPolicySetti
                 token = sample_next_token(logits, settings.temperature, settings.top_p, generator)
                 support[:, i, :k] = logits.topk(k, dim=-1).indices
                 support[:, i, k] = token
-                tempered = logits / settings.reward_temperature if settings.reward_temperature != 1.0 else logits
-                logprobs[:, i] = tempered.gather(1, token[:, None]).squeeze(1) - tempered.logsumexp(dim=-1)
+                if settings.sequence_weight:  # the student's side of the reverse-KL reward
+                    tempered = logits / settings.reward_temperature if settings.reward_temperature != 1.0 else logits
+                    logprobs[:, i] = tempered.gather(1, token[:, None]).squeeze(1) - tempered.logsumexp(dim=-1)
                 written[:, i] = token
                 counts += active
                 active &= ~torch.isin(token, stops)
