@@ -256,12 +256,7 @@ def run_training(args: argparse.Namespace, report: dict[str, Any]) -> None:
                 train(arm_config(args, data, output_dir, resume=report["start"]["checkpoint"],
                                  onpolicy_fraction=fraction), teacher=teacher)
         timing = timing_of(metrics_lines(output_dir), start_step) if fraction is not None else {}
-        student = RetNetStudent.load(model_dir).eval()
-        heldout = heldout_metrics(student, teacher_lm, held_out, teacher.vocab_size, args.eval_batches, BATCH,
-                                  torch.device("cpu"))
-        prompts, answers = generations(student, held_out, args, stop_ids, teacher.vocab_size)
-        generated = generation_metrics(teacher_lm, teacher.vocab_size, prompts, answers, writer=student)
-        generated["stopped_share"] = sum(len(a) < args.new_tokens for a in answers) / max(len(answers), 1)
+        heldout, generated = judged(model_dir, args, teacher_lm, held_out, stop_ids, teacher.vocab_size)
         if fraction is None:
             report["start"].update(heldout={key: round(value, 4) for key, value in heldout.items()},
                                    generation={key: (round(value, 4) if value is not None else None)
@@ -283,6 +278,29 @@ def run_training(args: argparse.Namespace, report: dict[str, Any]) -> None:
         arms.append(arm)
         emit(bench="onpolicy_arm", **arm)
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")  # partial results survive
+
+
+def judged(model_dir: Path, args: argparse.Namespace, teacher_lm: Any, held_out: PretokenizedShardDataset,
+           stop_ids: list[int], vocab: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Held-out and generation metrics of the student in ``model_dir``; kept next to it (``judged.json``)
+    and reused while its files and the judging settings are the same, so that a start or an arm linked
+    into several workdirs is judged once."""
+    settings = {"judge_temperature": args.judge_temperature, "judge_top_p": args.judge_top_p,
+                "gen_prompts": args.gen_prompts, "gen_seeds": args.gen_seeds, "new_tokens": args.new_tokens,
+                "eval_batches": args.eval_batches, "data": args.data, "max_seq_length": args.max_seq_length,
+                "files": sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in model_dir.iterdir())}
+    path = model_dir.parent / "judged.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            return saved["heldout"], saved["generation"]
+    student = RetNetStudent.load(model_dir).eval()
+    heldout = heldout_metrics(student, teacher_lm, held_out, vocab, args.eval_batches, BATCH, torch.device("cpu"))
+    prompts, answers = generations(student, held_out, args, stop_ids, vocab)
+    generated = generation_metrics(teacher_lm, vocab, prompts, answers, writer=student)
+    generated["stopped_share"] = sum(len(a) < args.new_tokens for a in answers) / max(len(answers), 1)
+    path.write_text(json.dumps({"settings": settings, "heldout": heldout, "generation": generated}, indent=2) + "\n")
+    return heldout, generated
 
 
 def rows_timing(args: argparse.Namespace, report: dict[str, Any]) -> None:

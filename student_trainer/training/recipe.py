@@ -394,15 +394,14 @@ def _train(config: TrainConfig, teacher: TeacherSource | None, dist: Distributed
                     step_tokens += int(batch.lengths.sum())
                     continue
                 teacher_started = time.perf_counter()
+                advantages = None  # the on-policy sequence term's (None: off)
                 try:
-                    advantages = None
                     if on_policy:
                         targets, advantages, reward = onpolicy.targets(*rollouts[micro])
-                        lost = None
-                        if reward is not None:
-                            rewards.append(reward)
+                        rewards.extend([] if reward is None else [reward])
                     else:
-                        targets, lost = teacher.targets_for(batch.input_ids, batch.lengths, batch.indices), None
+                        targets = teacher.targets_for(batch.input_ids, batch.lengths, batch.indices)
+                    lost = None
                 except TeacherError as exc:
                     targets, lost = None, exc
                 if dist.any_rank(lost is not None):
