@@ -11,9 +11,10 @@ For a supervised row with student logits ``z [V]``, temperature ``T`` and teache
 - ``KL = sum_b p_t[b] * (l_t[b] - l_s[b])`` over the buckets; ``CE = -log_softmax(z)[y]`` at ``T = 1``.
 - ``loss = alpha * CE + (1 - alpha) * T^2 * D + lambda_div * relu(H_t - H_s) + w_seq * A * CE``, each a
   mean over supervised rows; the last is the on-policy sequence term (a policy gradient: ``A`` a given
-  per-row advantage of the row's label, the token the student wrote there, ``w_seq`` its weight); ``D`` is the forward KL, the reverse KL, the skew KL ``KL(p_t || b p_t + (1-b) p_s)``
-  or the generalised Jensen-Shannon divergence ``b KL(p_t || M) + (1-b) KL(p_s || M)``, ``M = b p_t + (1-b) p_s``
-  (GKD's JSD(beta), bounded and symmetric at b = 0.5; the on-policy mode's choice next to the reverse KL).
+  per-row advantage of the row's label, the token the student wrote there, ``w_seq`` its weight). ``D``
+  is the forward KL, the reverse KL, the skew KL ``KL(p_t || b p_t + (1-b) p_s)`` or the generalised
+  Jensen-Shannon divergence ``b KL(p_t || M) + (1-b) KL(p_s || M)``, ``M = b p_t + (1-b) p_s`` (GKD's
+  JSD(beta), bounded and symmetric at b = 0.5; the on-policy mode's choice next to the reverse KL).
 
 The teacher buckets are renormalised to sum to one (fp16 log-probs and a dropped tail leave them a
 little off), so KL >= 0 and is zero exactly when the student matches.
