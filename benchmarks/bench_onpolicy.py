@@ -163,6 +163,7 @@ def arm_config(args: argparse.Namespace, data: Path, output_dir: Path, **overrid
         "onpolicy_jsd_beta": args.onpolicy_jsd_beta, "onpolicy_teacher_temperature": args.onpolicy_teacher_temperature,
         "onpolicy_sequence_weight": args.onpolicy_sequence_weight, "onpolicy_sequence_reward": args.onpolicy_sequence_reward,
         "onpolicy_sequence_discount": args.onpolicy_sequence_discount,
+        "onpolicy_sequence_return": args.onpolicy_sequence_return,
         **overrides,
     }
     return load_config(None, [f"{key}={json.dumps(value)}" for key, value in settings.items()])
@@ -372,6 +373,8 @@ def main() -> None:
                         help="the arms' onpolicy_sequence_reward")
     parser.add_argument("--onpolicy-sequence-discount", type=float, default=0.9,
                         help="the arms' onpolicy_sequence_discount")
+    parser.add_argument("--onpolicy-sequence-return", default="expected", choices=["expected", "sampled"],
+                        help="the arms' onpolicy_sequence_return")
     parser.add_argument("--judge-temperature", type=float, default=1.0, help="sampling of the judged answers")
     parser.add_argument("--judge-top-p", type=float, default=1.0, help="sampling of the judged answers")
     parser.add_argument("--lr", type=float, default=1e-4)

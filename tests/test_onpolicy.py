@@ -89,7 +89,7 @@ def test_the_sampler_writes_from_each_prompt_and_marks_only_written_positions() 
     batch = a_batch([list(range(1, 11)), list(range(20, 25)), list(range(30, 44))], [6, 2, 9])
     generator = torch.Generator().manual_seed(0)
     stop = 7
-    rollout = sample_rollout(student, batch, settings(stop_ids=[stop], student_topk=5, sequence_weight=1.0), generator,
+    rollout = sample_rollout(student, batch, settings(stop_ids=[stop], student_topk=5, sequence_weight=1.0, temperature=0.7), generator,
                              vocab_limit=50, device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False))
     out = rollout.batch
     prompts = prompts_of(batch, 32 - 6)
@@ -115,13 +115,17 @@ def test_the_sampler_writes_from_each_prompt_and_marks_only_written_positions() 
     logits = student(out.input_ids)[..., :50]
     row, t = 0, len(prompts[0]) - 1
     assert set(rollout.score_ids[row, t, :5].tolist()) == set(logits[row, t].topk(5).indices.tolist())
-    # and the log-prob the sampler recorded is the student's own of the written token (over the teacher's ids)
+    # and the log-probs the sampler recorded are the student's own of the scored ids (over the teacher's
+    # ids), its sampling distribution over its top 5 the tempered softmax renormalised over them
     for row in range(len(prompts)):
         positions = out.row_mask[row].nonzero()[:, 0]
         for t in positions[:-1].tolist():  # the last written token is not an input, so no logits row here
-            expected = logits[row, t].log_softmax(-1)[out.labels[row, t]]
-            assert abs(float(rollout.student_logprobs[row, t]) - float(expected)) < 1e-4
-    assert (rollout.student_logprobs[~written_mask] == 0).all()
+            expected = logits[row, t].log_softmax(-1)[rollout.score_ids[row, t]]
+            torch.testing.assert_close(rollout.student_logprobs[row, t], expected, atol=1e-4, rtol=0)
+            assert int(rollout.score_ids[row, t, -1]) == int(out.labels[row, t])
+            top = logits[row, t].topk(5)
+            torch.testing.assert_close(rollout.policy[row, t], torch.softmax(top.values / 0.7, -1), atol=1e-5, rtol=0)
+    assert (rollout.student_logprobs[~written_mask] == 0).all() and (rollout.policy[~written_mask] == 0).all()
 
 
 def test_onpolicy_top_p_keeps_the_sampling_inside_the_nucleus() -> None:
@@ -261,6 +265,28 @@ def test_a_written_tokens_advantage_is_the_whitened_discounted_mean_of_the_later
         assert returns[0, 2] == pytest.approx(float(rewards[0, 3]))
 
 
+@pytest.mark.parametrize("reward", ["teacher_logprob", "reverse_kl"])
+def test_a_positions_reward_is_the_drawn_tokens_or_its_expectation_over_the_students_top_k(reward: str) -> None:
+    from student_trainer.training.onpolicy import Rollout, sequence_rewards
+
+    gen = torch.Generator().manual_seed(4)
+    b, length, k = 2, 5, 3
+    teacher = torch.randn(b, length, k + 1, generator=gen).log_softmax(-1)
+    student = torch.randn(b, length, k + 1, generator=gen).log_softmax(-1)
+    policy = torch.rand(b, length, k, generator=gen)
+    policy = policy / policy.sum(-1, keepdim=True)
+    teacher[1, 4] = -math.inf  # a padding row of the reply: no NaN leaks out of it
+    ids = torch.zeros(b, length, k + 1, dtype=torch.int64)
+    rollout = Rollout(None, ids, student, policy, 0, 0)  # type: ignore[arg-type]
+    scores = TeacherScores(None, ids, teacher, torch.zeros(b, length))  # type: ignore[arg-type]
+    per_id = teacher - student if reward == "reverse_kl" else teacher
+    sampled = sequence_rewards(rollout, scores, settings(sequence_reward=reward, sequence_return="sampled"))
+    expected = sequence_rewards(rollout, scores, settings(sequence_reward=reward, sequence_return="expected"))
+    torch.testing.assert_close(sampled[0], per_id[0, :, -1])
+    torch.testing.assert_close(expected[0], (policy[0] * per_id[0, :, :k]).sum(-1))
+    assert torch.isfinite(sampled).all() and torch.isfinite(expected).all()
+
+
 def test_the_sequence_term_adds_a_policy_gradient_to_the_same_text(tmp_path, chat_shards, tiny_teacher) -> None:
     """onpolicy_sequence_weight: the first step writes the same text (same seed, same weights), its
     divergence is the same, the loss is not, and the written tokens' mean reward is logged."""
@@ -268,7 +294,7 @@ def test_the_sequence_term_adds_a_policy_gradient_to_the_same_text(tmp_path, cha
     for name, extra in (("plain", {}),
                         ("reverse_kl", {"onpolicy_sequence_weight": 1.0}),
                         ("teacher", {"onpolicy_sequence_weight": 1.0, "onpolicy_sequence_reward": "teacher_logprob",
-                                     "onpolicy_sequence_discount": 1.0})):
+                                     "onpolicy_sequence_discount": 1.0, "onpolicy_sequence_return": "sampled"})):
         summary = train(run_config(tmp_path / name, chat_shards, max_steps=3, onpolicy_fraction=1.0, **extra),
                         teacher=tiny_teacher)
         assert summary["steps"] == 3
@@ -280,7 +306,7 @@ def test_the_sequence_term_adds_a_policy_gradient_to_the_same_text(tmp_path, cha
         assert first[name]["onpolicy/written_tokens"] == plain["onpolicy/written_tokens"]
         assert first[name]["train/divergence"] == pytest.approx(plain["train/divergence"], rel=1e-5)
         assert first[name]["train/total"] != pytest.approx(plain["train/total"], rel=1e-4)
-    assert first["teacher"]["onpolicy/reward"] < 0  # a mean of the teacher's log-probs
+    assert first["teacher"]["onpolicy/reward"] < 0  # a mean of the teacher's log-probs of the drawn tokens
     # the reverse-KL reward is the teacher's log-prob minus the student's: it differs from the plain one
     assert first["reverse_kl"]["onpolicy/reward"] != pytest.approx(first["teacher"]["onpolicy/reward"], rel=1e-3)
 
@@ -372,6 +398,7 @@ def test_a_sharper_teacher_scores_the_same_text_at_its_own_temperature(tmp_path,
     ({"onpolicy_sequence_weight": -0.5}, "onpolicy_sequence_weight must be a finite number >= 0"),
     ({"onpolicy_sequence_discount": 1.5}, r"onpolicy_sequence_discount must be in \[0, 1\]"),
     ({"onpolicy_sequence_reward": "bleu"}, "onpolicy_sequence_reward"),
+    ({"onpolicy_sequence_return": "mean"}, "onpolicy_sequence_return"),
 ])
 def test_bad_onpolicy_settings_are_refused_before_training(tmp_path, chat_shards, overrides, message) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -125,6 +125,8 @@ class TrainConfig:
     onpolicy_sequence_weight: float = 0.0
     onpolicy_sequence_reward: Literal["reverse_kl", "teacher_logprob"] = "reverse_kl"
     onpolicy_sequence_discount: float = 0.9  # of the later rewards in a token's return (0: the next token's only)
+    # each later position's reward: of the drawn token, or its expectation over the student's top k
+    onpolicy_sequence_return: Literal["expected", "sampled"] = "expected"
     # optimiser
     optimizer: Literal["muon", "adamw"] = "muon"
     lr: float = 3e-4

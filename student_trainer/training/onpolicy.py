@@ -24,8 +24,11 @@ its own tokens and drifts (exposure bias). On an on-policy step (``onpolicy_frac
    text the teacher is unsure of, say). The sequence term adds the policy gradient of the rewards of the
    tokens *after* each written token (MiniLLM's long-term part): reward ``r_j = log p_t(y_j) - log p_s(y_j)``
    (``reverse_kl``, the sequence-level reverse KL) or ``log p_t(y_j)`` (``teacher_logprob``), both from
-   the scoring and the sampling (no extra forward); return ``R_t`` = the discounted mean of ``r_j`` over
-   the row's written ``j > t`` (``onpolicy_sequence_discount``); advantage ``A_t`` = ``R_t`` whitened over
+   the scoring and the sampling (no extra forward), of the sampled token (``sampled``) or in expectation
+   over the student's sampling distribution at ``j`` restricted to its scored top k (``expected``, the
+   default: the same expected return without the noise of the later draws, which the gradient for token
+   ``t`` does not need); return ``R_t`` = the discounted mean of ``r_j`` over the row's written ``j > t``
+   (``onpolicy_sequence_discount``); advantage ``A_t`` = ``R_t`` whitened over
    the micro-batch's written tokens (0 for a row's last one, which has no future); loss ``w * A_t *
    (-log p_s(y_t))`` at temperature 1, the score function of the student (exact for samples at
    temperature 1 and top-p 1, a biased but lower-variance estimate otherwise).
@@ -66,6 +69,7 @@ class OnPolicySettings:
     sequence_weight: float = 0.0  # weight of the sequence term (0: off)
     sequence_reward: str = "reverse_kl"  # reverse_kl | teacher_logprob
     sequence_discount: float = 0.9  # of the future rewards in a written token's return, in [0, 1]
+    sequence_return: str = "expected"  # expected | sampled: each later position's reward, see the docstring
     reward_temperature: float = 1.0  # the student's log-probs of its tokens in the reward (the teacher's T)
 
     @property
@@ -89,14 +93,16 @@ class OnPolicySettings:
 @dataclass
 class Rollout:
     """A micro-batch of the student's text: ``batch`` (prompt + written tokens but the last, which is only
-    a target; ``row_mask`` on the written positions, the written tokens as their labels), ``score_ids
-    [B, L, m]`` (the student's top k and the sampled token at each written position, 0 elsewhere) and
-    ``student_logprobs [B, L]`` (the student's log-prob of each written token at ``reward_temperature``
-    when the sequence term is on; 0 elsewhere and otherwise)."""
+    a target; ``row_mask`` on the written positions, the written tokens as their labels) and ``score_ids
+    [B, L, m]`` (the student's top k and the sampled token at each written position, 0 elsewhere). With
+    the sequence term on, also ``student_logprobs [B, L, m]`` (the student's log-probs of those ids at
+    ``reward_temperature``) and ``policy [B, L, m - 1]`` (its sampling distribution over its top k:
+    ``onpolicy_temperature``, renormalised over the k); zeros elsewhere and otherwise."""
 
     batch: Batch
     score_ids: torch.Tensor
     student_logprobs: torch.Tensor
+    policy: torch.Tensor
     prompt_tokens: int
     written_tokens: int
 
@@ -129,7 +135,8 @@ def sample_rollout(student: RetNetStudent, batch: Batch, settings: OnPolicySetti
     k = min(settings.student_topk, vocab_limit)
     written = torch.zeros((rows, settings.max_new_tokens), dtype=torch.int64, device=device)
     support = torch.zeros((rows, settings.max_new_tokens, k + 1), dtype=torch.int64, device=device)
-    logprobs = torch.zeros((rows, settings.max_new_tokens), dtype=torch.float32, device=device)
+    logprobs = torch.zeros((rows, settings.max_new_tokens, k + 1), dtype=torch.float32, device=device)
+    policy = torch.zeros((rows, settings.max_new_tokens, k), dtype=torch.float32, device=device)
     counts = torch.zeros(rows, dtype=torch.int64, device=device)
     active = torch.ones(rows, dtype=torch.bool, device=device)
     stops = torch.tensor(settings.stop_ids, dtype=torch.int64, device=device)
@@ -141,11 +148,13 @@ def sample_rollout(student: RetNetStudent, batch: Batch, settings: OnPolicySetti
             for i in range(settings.max_new_tokens):
                 logits = logits[:, :vocab_limit].float()
                 token = sample_next_token(logits, settings.temperature, settings.top_p, generator)
-                support[:, i, :k] = logits.topk(k, dim=-1).indices
+                top = logits.topk(k, dim=-1)
+                support[:, i, :k] = top.indices
                 support[:, i, k] = token
-                if settings.sequence_weight:  # the student's side of the reverse-KL reward
+                if settings.sequence_weight:  # what the sequence term's rewards need from the student
                     tempered = logits / settings.reward_temperature if settings.reward_temperature != 1.0 else logits
-                    logprobs[:, i] = tempered.gather(1, token[:, None]).squeeze(1) - tempered.logsumexp(dim=-1)
+                    logprobs[:, i] = tempered.gather(1, support[:, i]) - tempered.logsumexp(dim=-1, keepdim=True)
+                    policy[:, i] = torch.softmax(top.values / settings.temperature, dim=-1)
                 written[:, i] = token
                 counts += active
                 active &= ~torch.isin(token, stops)
@@ -154,11 +163,11 @@ def sample_rollout(student: RetNetStudent, batch: Batch, settings: OnPolicySetti
                 logits, state = student.step(token, state, overwrite=True)
     finally:
         student.train(was_training)
-    return _rollout_batch(batch, prompts, written.cpu(), support.cpu(), logprobs.cpu(), counts.cpu())
+    return _rollout_batch(batch, prompts, written.cpu(), support.cpu(), logprobs.cpu(), policy.cpu(), counts.cpu())
 
 
 def _rollout_batch(batch: Batch, prompts: list[torch.Tensor], written: torch.Tensor, support: torch.Tensor,
-                   logprobs: torch.Tensor, counts: torch.Tensor) -> Rollout:
+                   logprobs: torch.Tensor, policy: torch.Tensor, counts: torch.Tensor) -> Rollout:
     """Prompt + written tokens, right-padded; the last written token is a target only (not an input)."""
     lengths = torch.tensor([len(p) + int(n) - 1 for p, n in zip(prompts, counts)], dtype=torch.int64)
     width = int(lengths.max())
@@ -166,7 +175,8 @@ def _rollout_batch(batch: Batch, prompts: list[torch.Tensor], written: torch.Ten
     row_mask = torch.zeros((len(prompts), width), dtype=batch.row_mask.dtype)
     score_ids = torch.zeros((len(prompts), width, support.size(-1)), dtype=torch.int64)
     labels = torch.full_like(input_ids, -100)
-    student_logprobs = torch.zeros((len(prompts), width), dtype=torch.float32)
+    student_logprobs = torch.zeros((len(prompts), width, logprobs.size(-1)), dtype=torch.float32)
+    sampling = torch.zeros((len(prompts), width, policy.size(-1)), dtype=torch.float32)
     for row, (prompt, n) in enumerate(zip(prompts, counts.tolist())):
         start = len(prompt)
         input_ids[row, :start] = prompt
@@ -175,8 +185,21 @@ def _rollout_batch(batch: Batch, prompts: list[torch.Tensor], written: torch.Ten
         score_ids[row, start - 1:start + n - 1] = support[row, :n]
         labels[row, start - 1:start + n - 1] = written[row, :n]
         student_logprobs[row, start - 1:start + n - 1] = logprobs[row, :n]
+        sampling[row, start - 1:start + n - 1] = policy[row, :n]
     rollout = Batch(input_ids, lengths, batch.indices, row_mask, labels)
-    return Rollout(rollout, score_ids, student_logprobs, sum(len(p) for p in prompts), int(counts.sum()))
+    return Rollout(rollout, score_ids, student_logprobs, sampling, sum(len(p) for p in prompts), int(counts.sum()))
+
+
+def sequence_rewards(rollout: Rollout, scores: TeacherScores, settings: OnPolicySettings) -> torch.Tensor:
+    """Each written position's reward ``[B, L]`` (garbage elsewhere): ``log p_t(y)`` (``teacher_logprob``) or
+    ``log p_t(y) - log p_s(y)`` (``reverse_kl``) of the sampled token (``sampled``), or its expectation
+    under the student's sampling distribution over its top k (``expected``: the same expected return,
+    without the noise of which token was drawn at each later position)."""
+    teacher = torch.where(torch.isfinite(scores.score_logprobs), scores.score_logprobs.float(), 0.0)  # [B, L, m]
+    per_id = teacher - rollout.student_logprobs if settings.sequence_reward == "reverse_kl" else teacher
+    if settings.sequence_return == "sampled":
+        return per_id[..., -1]
+    return (rollout.policy * per_id[..., :-1]).sum(dim=-1)
 
 
 def future_advantages(rewards: torch.Tensor, written: torch.Tensor, discount: float) -> torch.Tensor:
@@ -283,10 +306,7 @@ class OnPolicy:
         if not self.settings.sequence_weight:
             return targets, None, None
         written = rollout.batch.row_mask.bool()
-        rewards = scores.score_logprobs[..., -1].float()  # the teacher's log-prob of the sampled token
-        if self.settings.sequence_reward == "reverse_kl":
-            rewards = rewards - rollout.student_logprobs
-        rewards = torch.where(written, rewards, 0.0)
+        rewards = torch.where(written, sequence_rewards(rollout, scores, self.settings), 0.0)
         advantages = future_advantages(rewards, written, self.settings.sequence_discount)
         return targets, advantages, float(rewards[written].mean()) if written.any() else 0.0
 

@@ -202,6 +202,7 @@ def build_onpolicy(config: TrainConfig, teacher: TeacherSource, manifest: dict[s
                                 list(stop_ids), config.max_seq_length, config.onpolicy_top_p,
                                 config.onpolicy_teacher_temperature, config.onpolicy_sequence_weight,
                                 config.onpolicy_sequence_reward, config.onpolicy_sequence_discount,
+                                config.onpolicy_sequence_return,
                                 reward_temperature=config.onpolicy_teacher_temperature or config.temperature)
     # one sampler stream per rank, derived from the run's seed
     return OnPolicy(settings, teacher, teacher.vocab_size, device, autocast, seed=config.seed * 1_000_003 + dist.rank + 1)
