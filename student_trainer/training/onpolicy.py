@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from student_trainer.training.batches import Batch
-from student_trainer.training.losses import LossConfig
+from student_trainer.training.losses import REVERSE_KL_LOGPROB_FLOOR, LossConfig
 from student_trainer.model.student import RetNetStudent, sample_next_token
 from student_trainer.teachers.targets import PAD_INDEX, PAD_LOGPROB, TeacherScores, TeacherTargets
 from student_trainer.teachers.base import TeacherSource
@@ -195,7 +195,8 @@ def sequence_rewards(rollout: Rollout, scores: TeacherScores, settings: OnPolicy
     ``log p_t(y) - log p_s(y)`` (``reverse_kl``) of the sampled token (``sampled``), or its expectation
     under the student's sampling distribution over its top k (``expected``: the same expected return,
     without the noise of which token was drawn at each later position)."""
-    teacher = torch.where(torch.isfinite(scores.score_logprobs), scores.score_logprobs.float(), 0.0)  # [B, L, m]
+    # floored: a padding row's -inf (and an id the teacher gives no mass) must not make the whitening NaN
+    teacher = scores.score_logprobs.float().clamp_min(REVERSE_KL_LOGPROB_FLOOR)  # [B, L, m]
     per_id = teacher - rollout.student_logprobs if settings.sequence_reward == "reverse_kl" else teacher
     if settings.sequence_return == "sampled":
         return per_id[..., -1]
