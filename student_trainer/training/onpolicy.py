@@ -28,10 +28,10 @@ its own tokens and drifts (exposure bias). On an on-policy step (``onpolicy_frac
    over the student's sampling distribution at ``j`` restricted to its scored top k (``expected``, the
    default: the same expected return without the noise of the later draws, which the gradient for token
    ``t`` does not need); return ``R_t`` = the discounted mean of ``r_j`` over the row's written ``j > t``
-   (``onpolicy_sequence_discount``); advantage ``A_t`` = ``R_t`` whitened over
-   the micro-batch's written tokens (0 for a row's last one, which has no future); loss ``w * A_t *
-   (-log p_s(y_t))`` at temperature 1, the score function of the student (exact for samples at
-   temperature 1 and top-p 1, a biased but lower-variance estimate otherwise).
+   (``onpolicy_sequence_discount``); advantage ``A_t`` = ``R_t`` whitened over the micro-batch's written
+   tokens (0 for a row's last one, which has no future); loss ``w * A_t * (-log p_s(y_t))`` at temperature
+   1, the score function of the student (exact for samples at temperature 1 and top-p 1, a biased but
+   lower-variance estimate otherwise).
 """
 
 from __future__ import annotations
